@@ -1,0 +1,1027 @@
+/*
+ * microvm-agent: the guest side of pytest-microvm.
+ *
+ * Runs as PID 1 in the guest image (mounts, module loading, reaping, power-off) or as
+ * an ordinary host process connected to a Unix socket (so tests can drive it without
+ * a VM). Either way it connects to the host, says HELLO, and then runs jobs (EXEC,
+ * PUT, GET) as docs/protocol.md describes. That document is the contract; this file
+ * follows it and nothing else.
+ *
+ * Design: one thread, one poll() loop, fixed-size buffers. Memory is bounded by
+ * construction: the input buffer holds one maximal frame, the output buffer stops
+ * taking job output at a high-water mark, and per-job credit stops reading a job's
+ * pipes when the host is not consuming.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/vm_sockets.h>
+
+#ifndef AGENT_VERSION
+#define AGENT_VERSION "0.1.0"
+#endif
+#define PROTO_VERSION 1
+
+#define HDR 12u
+#define MAX_PAYLOAD (1u << 20)
+#define CHUNK (64u * 1024)
+#define MAX_JOBS 64
+#define MAX_ARGS 4096
+#define OUTPUT_WINDOW (256u * 1024)
+#define STDIN_WINDOW (256u * 1024)
+/* Job output is read only while the output buffer is below OUT_HIGH; control frames
+ * (EXIT, CREDIT, ERROR) may go beyond it up to OUT_CAP. The connection is not read
+ * while the buffer is above OUT_HIGH either, so a host that does not read cannot make
+ * us queue replies without bound. */
+#define OUT_HIGH (1u << 20)
+#define OUT_CAP (OUT_HIGH + 256u * 1024)
+
+enum {
+	T_HELLO = 1, T_HELLO_ACK, T_EXEC, T_STDIN, T_STDOUT, T_STDERR, T_EXIT,
+	T_KILL, T_CREDIT, T_PUT, T_GET, T_ERROR, T_POWEROFF,
+};
+#define EXEC_STDIN_PIPE 1u
+#define EXIT_TIMED_OUT 1u
+
+enum kind { K_EXEC = 1, K_PUT, K_GET };
+
+struct job {
+	uint32_t id;       /* 0 = free slot */
+	enum kind kind;
+	pid_t pid;         /* EXEC only; its process group id too */
+	int exited, status;
+	int in_fd, out_fd, err_fd;
+	uint32_t out_credit;
+	unsigned char *inq; /* STDIN bytes not yet written, at most STDIN_WINDOW */
+	size_t inq_off, inq_len;
+	int in_open;       /* host may still send STDIN */
+	int timed_out;
+	uint64_t deadline_ms;
+};
+
+static struct {
+	int pid1;
+	int once;
+	const char *unix_path;
+	unsigned cid, port;
+	char token[256];
+} cfg = { .cid = 2, .port = 1024 };
+
+static int conn = -1;
+static int handshaken;
+static unsigned char inbuf[HDR + MAX_PAYLOAD];
+static size_t in_len;
+static unsigned char outbuf[OUT_CAP];
+static size_t out_len;
+static struct job jobs[MAX_JOBS];
+static int sigfd = -1;
+static int poweroff_requested;
+static int ever_connected; /* for --once: exit when the first connection ends */
+
+/* ---- small helpers ---------------------------------------------------------- */
+
+static void say(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	fprintf(stderr, "microvm-agent: ");
+	vfprintf(stderr, fmt, ap);
+	fputc('\n', stderr);
+	va_end(ap);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void put32(unsigned char *p, uint32_t v)
+{
+	p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
+}
+
+static void put16(unsigned char *p, uint16_t v)
+{
+	p[0] = v >> 8; p[1] = v;
+}
+
+static uint32_t get32(const unsigned char *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint16_t get16(const unsigned char *p)
+{
+	return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static void set_nonblock(int fd)
+{
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+/* ---- outgoing frames -------------------------------------------------------- */
+
+/* Reserve room for one frame in the output buffer and write its header. Returns the
+ * payload pointer, or NULL when even OUT_CAP is exhausted (then the host is not
+ * reading at all; dropping the connection is the only bounded answer). */
+static unsigned char *frame_begin(uint16_t type, uint32_t id, uint32_t len)
+{
+	if (conn < 0 || out_len + HDR + len > OUT_CAP)
+		return NULL;
+	unsigned char *h = outbuf + out_len;
+	put32(h, len);
+	put16(h + 4, type);
+	put16(h + 6, 0);
+	put32(h + 8, id);
+	out_len += HDR + len;
+	return h + HDR;
+}
+
+static void send_u32s(uint16_t type, uint32_t id, int n, const uint32_t *v)
+{
+	unsigned char *p = frame_begin(type, id, 4u * n);
+	for (int i = 0; p && i < n; i++)
+		put32(p + 4 * i, v[i]);
+}
+
+static void send_error(uint32_t id, uint32_t code, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(msg, sizeof msg, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if ((size_t)n >= sizeof msg)
+		n = sizeof msg - 1;
+	unsigned char *p = frame_begin(T_ERROR, id, 8u + n);
+	if (!p)
+		return;
+	put32(p, code);
+	put32(p + 4, n);
+	memcpy(p + 8, msg, n);
+}
+
+static void send_hello(void)
+{
+	size_t vl = strlen(AGENT_VERSION), tl = strlen(cfg.token);
+	unsigned char *p = frame_begin(T_HELLO, 0, 4 + 4 + vl + 4 + tl);
+	if (!p)
+		return;
+	put16(p, PROTO_VERSION);
+	put16(p + 2, 0);
+	put32(p + 4, vl);
+	memcpy(p + 8, AGENT_VERSION, vl);
+	put32(p + 8 + vl, tl);
+	memcpy(p + 12 + vl, cfg.token, tl);
+}
+
+/* ---- jobs ------------------------------------------------------------------- */
+
+static struct job *job_find(uint32_t id)
+{
+	for (int i = 0; i < MAX_JOBS; i++)
+		if (jobs[i].id == id)
+			return &jobs[i];
+	return NULL;
+}
+
+static void close_fd(int *fd)
+{
+	if (*fd >= 0)
+		close(*fd);
+	*fd = -1;
+}
+
+static void job_free(struct job *j)
+{
+	close_fd(&j->in_fd);
+	close_fd(&j->out_fd);
+	close_fd(&j->err_fd);
+	free(j->inq);
+	memset(j, 0, sizeof *j);
+	j->in_fd = j->out_fd = j->err_fd = -1;
+}
+
+static void job_fail(struct job *j, int err, const char *what)
+{
+	send_error(j->id, (uint32_t)err, "%s: %s", what, strerror(err));
+	if (j->kind == K_EXEC && j->pid > 0 && !j->exited)
+		kill(-j->pid, SIGKILL); /* reaped later by the SIGCHLD loop */
+	job_free(j);
+}
+
+static struct job *job_new(uint32_t id, enum kind kind)
+{
+	struct job *free_slot = NULL;
+	for (int i = 0; i < MAX_JOBS; i++)
+		if (!jobs[i].id && !free_slot)
+			free_slot = &jobs[i];
+	if (!free_slot) {
+		send_error(id, EAGAIN, "too many jobs (at most %d at once)", MAX_JOBS);
+		return NULL;
+	}
+	free_slot->id = id;
+	free_slot->kind = kind;
+	free_slot->out_credit = OUTPUT_WINDOW;
+	return free_slot;
+}
+
+static void kill_all_jobs(void)
+{
+	for (int i = 0; i < MAX_JOBS; i++) {
+		struct job *j = &jobs[i];
+		if (!j->id)
+			continue;
+		if (j->kind == K_EXEC && j->pid > 0)
+			kill(-j->pid, SIGKILL);
+		job_free(j);
+	}
+}
+
+/* Append STDIN bytes to the job's queue; the host's credit bounds it. */
+static int job_queue_stdin(struct job *j, const unsigned char *d, uint32_t n)
+{
+	if (j->in_fd < 0) {
+		/* The reader is gone (EPIPE) or the job is a GET: credit and drop. */
+		uint32_t c = n;
+		send_u32s(T_CREDIT, j->id, 1, &c);
+		return 0;
+	}
+	if (!j->inq) {
+		j->inq = malloc(STDIN_WINDOW);
+		if (!j->inq)
+			return -1;
+	}
+	if (j->inq_len + n > STDIN_WINDOW)
+		return -1;
+	if (j->inq_off + j->inq_len + n > STDIN_WINDOW) {
+		memmove(j->inq, j->inq + j->inq_off, j->inq_len);
+		j->inq_off = 0;
+	}
+	memcpy(j->inq + j->inq_off + j->inq_len, d, n);
+	j->inq_len += n;
+	return 0;
+}
+
+static void job_finish_if_done(struct job *j)
+{
+	if (j->kind == K_EXEC) {
+		if (!j->exited || j->out_fd >= 0 || j->err_fd >= 0)
+			return;
+		uint32_t v[3];
+		int st = j->status;
+		v[0] = WIFEXITED(st) ? (uint32_t)WEXITSTATUS(st) : (uint32_t)-1;
+		v[1] = WIFSIGNALED(st) ? (uint32_t)WTERMSIG(st) : 0;
+		v[2] = j->timed_out ? EXIT_TIMED_OUT : 0;
+		send_u32s(T_EXIT, j->id, 3, v);
+		job_free(j);
+	} else if (j->kind == K_PUT) {
+		if (j->in_open || j->inq_len)
+			return;
+		if (close(j->in_fd) < 0) {
+			j->in_fd = -1;
+			job_fail(j, errno, "close");
+			return;
+		}
+		j->in_fd = -1;
+		uint32_t v[3] = { 0, 0, 0 };
+		send_u32s(T_EXIT, j->id, 3, v);
+		job_free(j);
+	} else if (j->out_fd < 0) { /* K_GET: EOF reached */
+		uint32_t v[3] = { 0, 0, 0 };
+		send_u32s(T_EXIT, j->id, 3, v);
+		job_free(j);
+	}
+}
+
+/* ---- payload parsing (strict: anything off is a malformed frame) ------------ */
+
+struct cursor {
+	const unsigned char *p;
+	uint32_t left;
+	const char *err;
+};
+
+static uint32_t cur_u32(struct cursor *c)
+{
+	if (c->err)
+		return 0;
+	if (c->left < 4) {
+		c->err = "payload too short";
+		return 0;
+	}
+	uint32_t v = get32(c->p);
+	c->p += 4;
+	c->left -= 4;
+	return v;
+}
+
+/* Returns a freshly allocated NUL-terminated copy. */
+static char *cur_str(struct cursor *c)
+{
+	uint32_t n = cur_u32(c);
+	if (c->err)
+		return NULL;
+	if (n > c->left) {
+		c->err = "string runs past the end of the payload";
+		return NULL;
+	}
+	if (memchr(c->p, 0, n)) {
+		c->err = "string contains a NUL byte";
+		return NULL;
+	}
+	char *s = malloc((size_t)n + 1);
+	if (!s) {
+		c->err = "out of memory";
+		return NULL;
+	}
+	memcpy(s, c->p, n);
+	s[n] = 0;
+	c->p += n;
+	c->left -= n;
+	return s;
+}
+
+static void free_strv(char **v)
+{
+	for (char **p = v; p && *p; p++)
+		free(*p);
+	free(v);
+}
+
+static char **cur_strv(struct cursor *c, uint32_t *count)
+{
+	uint32_t n = cur_u32(c);
+	if (c->err)
+		return NULL;
+	if (n > MAX_ARGS || n > c->left / 4) {
+		c->err = "string count over the limit";
+		return NULL;
+	}
+	char **v = calloc((size_t)n + 1, sizeof *v);
+	if (!v) {
+		c->err = "out of memory";
+		return NULL;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		v[i] = cur_str(c);
+		if (!v[i]) {
+			free_strv(v);
+			return NULL;
+		}
+	}
+	*count = n;
+	return v;
+}
+
+static void cur_end(struct cursor *c)
+{
+	if (!c->err && c->left)
+		c->err = "trailing bytes in payload";
+}
+
+/* ---- starting jobs ---------------------------------------------------------- */
+
+static char **build_env(char **extra, uint32_t n)
+{
+	static const char *base[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root" };
+	char **env = calloc(n + 3, sizeof *env);
+	size_t k = 0;
+	if (!env)
+		return NULL;
+	for (size_t b = 0; b < 2; b++) {
+		size_t klen = strchr(base[b], '=') - base[b] + 1;
+		int overridden = 0;
+		for (uint32_t i = 0; i < n; i++)
+			if (!strncmp(extra[i], base[b], klen))
+				overridden = 1;
+		if (!overridden)
+			env[k++] = (char *)base[b];
+	}
+	for (uint32_t i = 0; i < n; i++)
+		env[k++] = extra[i];
+	return env;
+}
+
+static void start_exec(uint32_t id, struct cursor *c)
+{
+	uint32_t flags = cur_u32(c), timeout = cur_u32(c), argc = 0, envc = 0;
+	char *cwd = cur_str(c);
+	char **argv = cur_strv(c, &argc);
+	char **envv = argv ? cur_strv(c, &envc) : NULL;
+	cur_end(c);
+	if (!c->err && (flags & ~EXEC_STDIN_PIPE))
+		c->err = "unknown exec flag";
+	if (!c->err && argc == 0)
+		c->err = "EXEC without argv";
+	if (c->err)
+		goto out;
+
+	struct job *j = job_new(id, K_EXEC);
+	if (!j)
+		goto out;
+	char **env = build_env(envv, envc);
+	int in[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 }, ep[2] = { -1, -1 };
+	if (!env || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) ||
+	    ((flags & EXEC_STDIN_PIPE) && pipe2(in, O_CLOEXEC))) {
+		int e = env ? errno : ENOMEM;
+		int all[] = { in[0], in[1], out[0], out[1], err[0], err[1], ep[0], ep[1] };
+		for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+			if (all[i] >= 0)
+				close(all[i]);
+		free(env);
+		job_fail(j, e, "pipe");
+		goto out;
+	}
+	pid_t pid = fork();
+	if (pid == 0) {
+		sigset_t none;
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		signal(SIGPIPE, SIG_DFL);
+		setsid();
+		int nul = (flags & EXEC_STDIN_PIPE) ? in[0] : open("/dev/null", O_RDONLY);
+		if (dup2(nul, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0 ||
+		    (cwd[0] && chdir(cwd) < 0)) {
+			int e = errno;
+			(void)!write(ep[1], &e, sizeof e);
+			_exit(127);
+		}
+		execvpe(argv[0], argv, env);
+		int e = errno;
+		(void)!write(ep[1], &e, sizeof e);
+		_exit(127);
+	}
+	int fork_errno = errno;
+	free(env);
+	close(out[1]);
+	close(err[1]);
+	close(ep[1]);
+	if (in[0] >= 0)
+		close(in[0]);
+	j->out_fd = out[0];
+	j->err_fd = err[0];
+	j->in_fd = in[1];
+	j->in_open = in[1] >= 0;
+	if (pid < 0) {
+		close(ep[0]);
+		job_fail(j, fork_errno, "fork");
+		goto out;
+	}
+	j->pid = pid;
+	/* The child reports a failed chdir/exec through the close-on-exec pipe; EOF
+	 * without data means execvp succeeded. The wait is as short as an exec. */
+	int child_errno = 0;
+	ssize_t r;
+	do
+		r = read(ep[0], &child_errno, sizeof child_errno);
+	while (r < 0 && errno == EINTR);
+	close(ep[0]);
+	if (r == (ssize_t)sizeof child_errno) {
+		job_fail(j, child_errno, argv[0]);
+		goto out;
+	}
+	set_nonblock(j->out_fd);
+	set_nonblock(j->err_fd);
+	if (j->in_fd >= 0)
+		set_nonblock(j->in_fd);
+	if (timeout)
+		j->deadline_ms = now_ms() + timeout;
+out:
+	free(cwd);
+	free_strv(argv);
+	free_strv(envv);
+}
+
+static void start_file_job(uint32_t id, int type, struct cursor *c)
+{
+	uint32_t mode = type == T_PUT ? cur_u32(c) : 0;
+	char *path = cur_str(c);
+	cur_end(c);
+	if (c->err) {
+		free(path);
+		return;
+	}
+	struct job *j = job_new(id, type == T_PUT ? K_PUT : K_GET);
+	if (j) {
+		int fd = type == T_PUT
+			? open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode & 07777)
+			: open(path, O_RDONLY | O_CLOEXEC);
+		struct stat st;
+		if (fd >= 0 && type == T_GET && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+			close(fd);
+			fd = -1;
+			errno = EISDIR;
+		}
+		if (fd < 0) {
+			job_fail(j, errno, path);
+		} else if (type == T_PUT) {
+			j->in_fd = fd;
+			j->in_open = 1;
+		} else {
+			j->out_fd = fd;
+		}
+	}
+	free(path);
+}
+
+/* ---- incoming frames -------------------------------------------------------- */
+
+static void drop_connection(void)
+{
+	kill_all_jobs();
+	close_fd(&conn);
+	in_len = out_len = 0;
+	handshaken = 0;
+}
+
+/* Handle one complete frame. Returns NULL, or what made it malformed. */
+static const char *handle_frame(uint16_t type, uint32_t id, const unsigned char *p, uint32_t len)
+{
+	struct cursor c = { p, len, NULL };
+	int job_frame = type == T_EXEC || type == T_STDIN || type == T_KILL ||
+			type == T_CREDIT || type == T_PUT || type == T_GET;
+
+	if (!handshaken) {
+		if (type != T_HELLO_ACK)
+			return "frame before the handshake ended";
+		if (id)
+			return "HELLO_ACK with a non-zero id";
+		if (len != 4 || get16(p) != PROTO_VERSION || get16(p + 2))
+			return "bad HELLO_ACK";
+		handshaken = 1;
+		return NULL;
+	}
+	if (job_frame && !id)
+		return "job frame with id 0";
+	if (!job_frame && type != T_ERROR && id)
+		return "connection frame with a job id";
+
+	struct job *j = job_frame ? job_find(id) : NULL;
+	switch (type) {
+	case T_EXEC:
+	case T_PUT:
+	case T_GET:
+		if (j)
+			return "id already in use";
+		if (type == T_EXEC)
+			start_exec(id, &c);
+		else
+			start_file_job(id, type, &c);
+		return c.err;
+	case T_STDIN:
+		if (!j)
+			return NULL; /* raced with the job's end */
+		if (!j->in_open)
+			return "STDIN for a job that takes no (more) input";
+		if (len == 0) {
+			j->in_open = 0;
+			return NULL;
+		}
+		return job_queue_stdin(j, p, len) ? "STDIN beyond the credit" : NULL;
+	case T_KILL: {
+		uint32_t sig = cur_u32(&c);
+		cur_end(&c);
+		if (c.err)
+			return c.err;
+		if (sig < 1 || sig > 64)
+			return "KILL with an invalid signal";
+		if (j && j->kind == K_EXEC && j->pid > 0)
+			kill(-j->pid, (int)sig);
+		return NULL;
+	}
+	case T_CREDIT: {
+		uint32_t n = cur_u32(&c);
+		cur_end(&c);
+		if (c.err)
+			return c.err;
+		if (j && (uint64_t)j->out_credit + n > OUTPUT_WINDOW)
+			return "CREDIT above the window";
+		if (j)
+			j->out_credit += n;
+		return NULL;
+	}
+	case T_ERROR:
+		say("host reported an error, reconnecting");
+		drop_connection();
+		return NULL;
+	case T_POWEROFF:
+		if (len)
+			return "POWEROFF with a payload";
+		poweroff_requested = 1;
+		return NULL;
+	default:
+		return "unknown or misdirected frame type";
+	}
+}
+
+static void malformed(const char *why)
+{
+	say("malformed frame from host: %s; closing the connection", why);
+	kill_all_jobs();
+	out_len = 0; /* what was queued is moot: tell the host why, then go */
+	send_error(0, EPROTO, "malformed frame: %s", why);
+	unsigned char *p = outbuf;
+	while (out_len) {
+		ssize_t w = send(conn, p, out_len, MSG_NOSIGNAL);
+		if (w <= 0)
+			break;
+		p += w;
+		out_len -= (size_t)w;
+	}
+	drop_connection();
+}
+
+static void read_conn(void)
+{
+	ssize_t r = recv(conn, inbuf + in_len, sizeof inbuf - in_len, 0);
+	if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR)) {
+		say("connection closed by host");
+		drop_connection();
+		return;
+	}
+	if (r < 0)
+		return;
+	in_len += (size_t)r;
+	size_t off = 0;
+	while (conn >= 0 && in_len - off >= HDR) {
+		const unsigned char *h = inbuf + off;
+		uint32_t len = get32(h);
+		uint16_t type = get16(h + 4);
+		/* Judge the header before waiting for the payload: an oversized length
+		 * must never turn into an allocation or a stall. */
+		if (len > MAX_PAYLOAD)
+			return malformed("frame larger than MAX_PAYLOAD");
+		if (get16(h + 6))
+			return malformed("non-zero header flags");
+		if (type < T_HELLO || type > T_POWEROFF)
+			return malformed("unknown frame type");
+		if (in_len - off < HDR + len)
+			break;
+		const char *why = handle_frame(type, get32(h + 8), h + HDR, len);
+		if (why)
+			return malformed(why);
+		off += HDR + len;
+	}
+	if (conn >= 0) {
+		memmove(inbuf, inbuf + off, in_len - off);
+		in_len -= off;
+	}
+}
+
+static void flush_out(void)
+{
+	size_t done = 0;
+	while (done < out_len) {
+		ssize_t w = send(conn, outbuf + done, out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				break;
+			say("send failed: %s", strerror(errno));
+			drop_connection();
+			return;
+		}
+		done += (size_t)w;
+	}
+	memmove(outbuf, outbuf + done, out_len - done);
+	out_len -= done;
+}
+
+/* ---- job I/O ---------------------------------------------------------------- */
+
+static void pump_output(struct job *j, int *fd, uint16_t type)
+{
+	uint32_t room = CHUNK;
+	if (room > j->out_credit)
+		room = j->out_credit;
+	if (!room || out_len + HDR + CHUNK > OUT_HIGH)
+		return;
+	unsigned char *p = outbuf + out_len + HDR;
+	ssize_t r = read(*fd, p, room);
+	if (r < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (r < 0 && j->kind == K_GET) {
+		job_fail(j, errno, "read");
+		return;
+	}
+	if (r <= 0) {
+		close_fd(fd);
+		return;
+	}
+	frame_begin(type, j->id, (uint32_t)r);
+	j->out_credit -= (uint32_t)r;
+}
+
+static void pump_stdin(struct job *j)
+{
+	ssize_t w = write(j->in_fd, j->inq + j->inq_off, j->inq_len);
+	if (w < 0 && (errno == EAGAIN || errno == EINTR))
+		return;
+	if (w < 0) {
+		if (j->kind == K_PUT) {
+			job_fail(j, errno, "write");
+			return;
+		}
+		/* The command closed its stdin: what is queued will never be read. */
+		w = (ssize_t)j->inq_len;
+		close_fd(&j->in_fd);
+	}
+	uint32_t n = (uint32_t)w;
+	send_u32s(T_CREDIT, j->id, 1, &n);
+	j->inq_off += n;
+	j->inq_len -= n;
+	if (!j->inq_len)
+		j->inq_off = 0;
+}
+
+static void reap(void)
+{
+	struct signalfd_siginfo si;
+	while (read(sigfd, &si, sizeof si) == sizeof si)
+		;
+	int st;
+	pid_t pid;
+	while ((pid = waitpid(-1, &st, WNOHANG)) > 0) {
+		for (int i = 0; i < MAX_JOBS; i++) {
+			struct job *j = &jobs[i];
+			if (j->id && j->kind == K_EXEC && j->pid == pid) {
+				j->exited = 1;
+				j->status = st;
+				close_fd(&j->in_fd);
+				j->inq_len = 0;
+			}
+		}
+	}
+}
+
+/* ---- connecting ------------------------------------------------------------- */
+
+static int try_connect(void)
+{
+	int fd;
+	if (cfg.unix_path) {
+		struct sockaddr_un a = { .sun_family = AF_UNIX };
+		if (strlen(cfg.unix_path) >= sizeof a.sun_path) {
+			errno = ENAMETOOLONG;
+			return -1;
+		}
+		strcpy(a.sun_path, cfg.unix_path);
+		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
+			return fd;
+	} else {
+		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cfg.cid, .svm_port = cfg.port };
+		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
+			return fd;
+	}
+	int e = errno;
+	if (fd >= 0)
+		close(fd);
+	errno = e;
+	return -1;
+}
+
+static void connect_with_backoff(void)
+{
+	unsigned delay_ms = 5, attempt = 0;
+	for (;;) {
+		conn = try_connect();
+		if (conn >= 0)
+			break;
+		if (attempt % 100 == 0)
+			say("connecting to %s failed (%s); retrying",
+			    cfg.unix_path ? cfg.unix_path : "vsock host", strerror(errno));
+		attempt++;
+		if (cfg.once && attempt > 200)
+			exit(1);
+		struct timespec ts = { 0, (long)delay_ms * 1000000L };
+		nanosleep(&ts, NULL);
+		if (delay_ms < 200)
+			delay_ms *= 2;
+		reap(); /* orphans keep dying while we wait */
+	}
+	set_nonblock(conn);
+	say("connected");
+	send_hello();
+}
+
+/* ---- PID 1 duties ----------------------------------------------------------- */
+
+static void pid1_setup(void)
+{
+	static const struct { const char *src, *dst, *type; } m[] = {
+		{ "proc", "/proc", "proc" },  { "sysfs", "/sys", "sysfs" },
+		{ "devtmpfs", "/dev", "devtmpfs" }, { "devpts", "/dev/pts", "devpts" },
+		{ "tmpfs", "/tmp", "tmpfs" }, { "tmpfs", "/run", "tmpfs" },
+	};
+	for (size_t i = 0; i < sizeof m / sizeof *m; i++) {
+		mkdir(m[i].dst, 0755);
+		if (mount(m[i].src, m[i].dst, m[i].type, 0, NULL) < 0 && errno != EBUSY)
+			say("mount %s: %s", m[i].dst, strerror(errno));
+	}
+	say("%s running as PID 1", AGENT_VERSION);
+
+	/* The image lists its modules in load order (dependencies first). */
+	FILE *f = fopen("/etc/microvm/modules", "r");
+	char line[512];
+	while (f && fgets(line, sizeof line, f)) {
+		line[strcspn(line, "\r\n")] = 0;
+		if (!line[0] || line[0] == '#')
+			continue;
+		int fd = open(line, O_RDONLY | O_CLOEXEC);
+		if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST))
+			say("loading module %s failed: %s", line, strerror(errno));
+		else
+			say("loaded module %s", strrchr(line, '/') ? strrchr(line, '/') + 1 : line);
+		if (fd >= 0)
+			close(fd);
+	}
+	if (f)
+		fclose(f);
+
+	/* Loopback up, so services started in the guest can be reached from it. */
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = { 0 };
+	strcpy(ifr.ifr_name, "lo");
+	if (s >= 0 && ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+		ifr.ifr_flags |= IFF_UP;
+		ioctl(s, SIOCSIFFLAGS, &ifr);
+	}
+	if (s >= 0)
+		close(s);
+	sethostname("microvm", 7);
+
+	f = fopen("/proc/cmdline", "r");
+	char cmd[4096] = "";
+	if (f) {
+		if (!fgets(cmd, sizeof cmd, f))
+			cmd[0] = 0;
+		fclose(f);
+	}
+	for (char *t = strtok(cmd, " \n"); t; t = strtok(NULL, " \n")) {
+		if (!strncmp(t, "microvm.port=", 13))
+			cfg.port = (unsigned)strtoul(t + 13, NULL, 10);
+		else if (!strncmp(t, "microvm.cid=", 12))
+			cfg.cid = (unsigned)strtoul(t + 12, NULL, 10);
+		else if (!strncmp(t, "microvm.token=", 14))
+			snprintf(cfg.token, sizeof cfg.token, "%s", t + 14);
+	}
+	say("host is vsock %u:%u", cfg.cid, cfg.port);
+}
+
+static void power_off(void)
+{
+	kill_all_jobs();
+	if (!cfg.pid1) {
+		say("poweroff requested; exiting");
+		exit(0);
+	}
+	say("powering off");
+	sync();
+	reboot(RB_POWER_OFF);
+	reboot(RB_AUTOBOOT); /* with -no-reboot, QEMU exits on this too */
+	for (;;)
+		pause();
+}
+
+/* ---- main loop -------------------------------------------------------------- */
+
+static int usage(void)
+{
+	fprintf(stderr, "usage: microvm-agent [--unix PATH] [--token TOKEN] [--once]\n"
+			"  As PID 1 it reads microvm.port/cid/token from /proc/cmdline.\n");
+	return 2;
+}
+
+int main(int argc, char **argv)
+{
+	cfg.pid1 = getpid() == 1;
+	for (int i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--unix") && i + 1 < argc)
+			cfg.unix_path = argv[++i];
+		else if (!strcmp(argv[i], "--token") && i + 1 < argc)
+			snprintf(cfg.token, sizeof cfg.token, "%s", argv[++i]);
+		else if (!strcmp(argv[i], "--once"))
+			cfg.once = 1;
+		else if (!strcmp(argv[i], "--version")) {
+			puts(AGENT_VERSION);
+			return 0;
+		} else
+			return usage();
+	}
+	if (!cfg.pid1 && !cfg.unix_path)
+		return usage();
+	for (int i = 0; i < MAX_JOBS; i++)
+		job_free(&jobs[i]);
+
+	signal(SIGPIPE, SIG_IGN);
+	sigset_t mask;
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &mask, NULL);
+	sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (cfg.pid1)
+		pid1_setup();
+
+	struct pollfd pfd[2 + 3 * MAX_JOBS];
+	struct { struct job *j; int which; } owner[2 + 3 * MAX_JOBS];
+	for (;;) {
+		if (conn < 0) {
+			if (cfg.once && ever_connected)
+				return 0;
+			connect_with_backoff();
+			ever_connected = 1;
+		}
+		int n = 0;
+		pfd[n++] = (struct pollfd){ sigfd, POLLIN, 0 };
+		short ev = out_len ? POLLOUT : 0;
+		if (out_len <= OUT_HIGH)
+			ev |= POLLIN;
+		pfd[n++] = (struct pollfd){ conn, ev, 0 };
+		uint64_t now = now_ms(), next = 0;
+		for (int i = 0; i < MAX_JOBS; i++) {
+			struct job *j = &jobs[i];
+			if (!j->id)
+				continue;
+			int can_out = j->out_credit && out_len + HDR + CHUNK <= OUT_HIGH;
+			if (j->out_fd >= 0 && can_out) {
+				owner[n] = (typeof(owner[0])){ j, 1 };
+				pfd[n++] = (struct pollfd){ j->out_fd, POLLIN, 0 };
+			}
+			if (j->err_fd >= 0 && can_out) {
+				owner[n] = (typeof(owner[0])){ j, 2 };
+				pfd[n++] = (struct pollfd){ j->err_fd, POLLIN, 0 };
+			}
+			if (j->in_fd >= 0 && j->inq_len) {
+				owner[n] = (typeof(owner[0])){ j, 0 };
+				pfd[n++] = (struct pollfd){ j->in_fd, POLLOUT, 0 };
+			}
+			if (j->deadline_ms && (!next || j->deadline_ms < next))
+				next = j->deadline_ms;
+		}
+		int timeout = -1;
+		if (next)
+			timeout = next > now ? (int)(next - now) : 0;
+		if (poll(pfd, n, timeout) < 0 && errno != EINTR)
+			continue;
+
+		if (pfd[0].revents)
+			reap();
+		if (pfd[1].revents & (POLLIN | POLLHUP | POLLERR))
+			read_conn();
+		for (int i = 2; i < n && conn >= 0; i++) {
+			struct job *j = owner[i].j;
+			if (!pfd[i].revents || !j->id)
+				continue;
+			if (owner[i].which == 1 && j->out_fd == pfd[i].fd)
+				pump_output(j, &j->out_fd, T_STDOUT);
+			else if (owner[i].which == 2 && j->err_fd == pfd[i].fd)
+				pump_output(j, &j->err_fd, T_STDERR);
+			else if (owner[i].which == 0 && j->in_fd == pfd[i].fd && j->inq_len)
+				pump_stdin(j);
+		}
+		now = now_ms();
+		for (int i = 0; i < MAX_JOBS && conn >= 0; i++) {
+			struct job *j = &jobs[i];
+			if (!j->id)
+				continue;
+			if (j->deadline_ms && now >= j->deadline_ms) {
+				/* The whole group: the leader may be gone while a child of it
+				 * still holds the output pipes open. */
+				kill(-j->pid, SIGKILL);
+				j->timed_out = 1;
+				j->deadline_ms = 0;
+			}
+			job_finish_if_done(j);
+		}
+		if (conn >= 0 && out_len)
+			flush_out();
+		if (poweroff_requested)
+			power_off();
+	}
+}

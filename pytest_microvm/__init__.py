@@ -1,0 +1,40 @@
+"""pytest-microvm: run integration tests inside throw-away QEMU microVMs.
+
+The public API; the modules behind it are private and may change.
+"""
+
+from pytest_microvm.client import AgentClient, Process
+from pytest_microvm.errors import (
+    AgentError,
+    BootError,
+    CommandError,
+    CommandTimeout,
+    ConnectionLost,
+    HandshakeError,
+    ImageError,
+    MicroVMError,
+    ProtocolError,
+)
+from pytest_microvm.image import GuestImage, build_agent, build_image
+from pytest_microvm.result import CommandResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentClient",
+    "AgentError",
+    "BootError",
+    "CommandError",
+    "CommandResult",
+    "CommandTimeout",
+    "ConnectionLost",
+    "GuestImage",
+    "HandshakeError",
+    "ImageError",
+    "MicroVMError",
+    "Process",
+    "ProtocolError",
+    "__version__",
+    "build_agent",
+    "build_image",
+]

@@ -1,0 +1,46 @@
+"""Child processes that cannot outlive us: spawn with PR_SET_PDEATHSIG, stop in bounded time."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import signal
+import subprocess
+from collections.abc import Sequence
+from typing import IO, Any
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. The kernel sends SIGKILL when the thread
+    # that forked us exits, so spawn from a long-lived thread (the main one).
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | IO[Any] | None = subprocess.DEVNULL,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (a list, never a shell string) so that it dies with this process."""
+    return subprocess.Popen(
+        list(argv), stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=_die_with_parent, close_fds=True
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 3.0) -> int:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; always reaps. Returns the exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

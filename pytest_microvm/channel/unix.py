@@ -1,0 +1,58 @@
+"""A Unix-socket listener for agent connections, and the accept-then-handshake step."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pytest_microvm.client import AgentClient
+from pytest_microvm.errors import CommandTimeout
+
+
+class UnixListener:
+    """Listens on a Unix socket path; removes the path when closed."""
+
+    def __init__(self, path: str | os.PathLike[str], backlog: int = 8) -> None:
+        self.path = Path(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.bind(str(self.path))
+            self._sock.listen(backlog)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self, timeout: float | None) -> socket.socket:
+        """Wait for one connection; raise CommandTimeout if none comes within ``timeout``."""
+        self._sock.settimeout(timeout)
+        try:
+            conn, _ = self._sock.accept()
+        except TimeoutError:
+            raise CommandTimeout(f"no agent connected to {self.path} within {timeout}s") from None
+        conn.settimeout(None)
+        return conn
+
+    def close(self) -> None:
+        self._sock.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> UnixListener:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def connect_agent(listener: UnixListener, *, token: str, timeout: float, name: str = "agent") -> AgentClient:
+    """Accept the agent's connection and complete the handshake within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    sock = listener.accept(timeout)
+    return AgentClient.handshake(sock, token=token, timeout=max(0.1, deadline - time.monotonic()), name=name)

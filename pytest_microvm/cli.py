@@ -1,0 +1,120 @@
+"""The ``microvm`` command: build the guest image and check that it boots.
+
+Progress goes to stderr, results (paths) to stdout, so scripts can capture them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pytest_microvm import __version__
+from pytest_microvm.cache import cache_dir
+from pytest_microvm.errors import MicroVMError
+from pytest_microvm.image import GuestImage, build_image
+from pytest_microvm.machine import QemuProcess, detect_host, qemu_argv
+
+
+def _progress() -> Callable[[str], None]:
+    start = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _build(args: argparse.Namespace) -> GuestImage:
+    return build_image(kernel=args.kernel, modules=args.modules, cache=args.cache_dir, progress=_progress())
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    image = _build(args)
+    print(f"image:     {image.directory}")
+    print(f"kernel:    {image.kernel} ({image.kernel_release}, {'PVH' if image.pvh else 'bzImage'} boot)")
+    print(f"initramfs: {image.initramfs}")
+    print(f"agent:     {image.agent_version}; modules: {' '.join(image.modules) or '(none: built in)'}")
+    return 0
+
+
+def cmd_image_check(args: argparse.Namespace) -> int:
+    """Boot the image and watch the console for the agent as PID 1 and its modules."""
+    image = _build(args)
+    host = detect_host()
+    if host.qemu is None:
+        print(
+            "error: qemu-system-x86_64 is not installed (Debian/Ubuntu: apt-get install qemu-system-x86)",
+            file=sys.stderr,
+        )
+        return 2
+    if host.accel == "tcg":
+        print(
+            f"warning: KVM is not usable ({host.kvm.reason}); booting under TCG emulation, which is slower",
+            file=sys.stderr,
+        )
+    needles = ["microvm-agent: " + image.agent_version + " running as PID 1"]
+    needles += [f"microvm-agent: loaded module {m}" for m in image.modules]
+    with tempfile.TemporaryDirectory(prefix="microvm-check-") as tmp:
+        console = Path(tmp) / "console.log"
+        argv = qemu_argv(image, qemu=host.qemu, accel=host.accel, console=console)
+        start = time.monotonic()
+        with QemuProcess(argv, console, Path(tmp) / "qemu.stderr") as vm:
+            text = vm.wait_for_console(needles, timeout=args.timeout)
+        elapsed = time.monotonic() - start
+    for line in text.splitlines():
+        if line.startswith("microvm-agent:"):
+            print(line)
+    print(
+        f"ok: the agent runs as PID 1 and loaded {len(image.modules)} modules, {elapsed:.1f}s after QEMU started "
+        f"({host.accel})"
+    )
+    return 0
+
+
+def cmd_cache_dir(args: argparse.Namespace) -> int:
+    print(cache_dir(args.cache_dir))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="microvm", description="Throw-away QEMU microVMs for tests.")
+    ap.add_argument("--version", action="version", version=f"pytest-microvm {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    image = sub.add_parser("image", help="build and check the guest image").add_subparsers(dest="action", required=True)
+    for name, func, text in (
+        ("build", cmd_image_build, "build the guest image (or find it in the cache) and print its paths"),
+        ("check", cmd_image_check, "build the image, boot it, and check the agent starts as PID 1"),
+    ):
+        p = image.add_parser(name, help=text, description=text)
+        p.add_argument("--kernel", help="bzImage, vmlinux or kernel .deb (default: Debian's linux-image-amd64)")
+        p.add_argument("--modules", help="lib/modules/<release> of --kernel, if it needs modules")
+        p.add_argument("--cache-dir", help="cache directory (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)")
+        if name == "check":
+            p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent (default 60)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("cache-dir", help="print the cache directory")
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_cache_dir)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MicroVMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Where the image's ingredients come from: agent source, busybox, and the kernel.
+
+The default kernel is Debian's ``linux-image-amd64``, fetched with ``apt-get download``
+and unpacked with ``dpkg-deb -x`` (no root, nothing installed). A user may instead give
+a kernel file (bzImage, vmlinux ELF, or a kernel .deb) and a module tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pytest_microvm.cache import cached_build
+from pytest_microvm.errors import ImageError
+from pytest_microvm.image.kernel import VSOCK_MODULES, is_elf, read_module, resolve_modules
+
+Progress = Callable[[str], None]
+DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
+
+
+def agent_source_dir() -> Path:
+    """The agent's C source: shipped inside the wheel, or the repo's guest-image/ in a checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_guest" / "agent", here.parent / "guest-image" / "agent"):
+        if (candidate / "agent.c").is_file():
+            return candidate
+    raise ImageError("the agent source (agent.c) is missing from this installation; reinstall pytest-microvm")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _run(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
+    try:
+        proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise ImageError(f"{what}: {argv[0]} is not installed") from None
+    if proc.returncode != 0:
+        raise ImageError(f"{what}: `{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc.stdout
+
+
+def is_static_elf(path: Path) -> bool:
+    """True for an ELF executable without a program interpreter (statically linked)."""
+    data = path.read_bytes()
+    if not is_elf(data) or data[4] != 2:
+        return False
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))  # PT_INTERP
+
+
+def _apt_download(package: str, dest: Path) -> Path:
+    _run(["apt-get", "download", package], f"downloading {package}", cwd=dest)
+    debs = sorted(dest.glob(f"{package}_*.deb"))
+    if not debs:
+        raise ImageError(f"apt-get download {package} produced no .deb")
+    return debs[-1]
+
+
+def _deb_version(package: str) -> str:
+    out = _run(["apt-cache", "show", "--no-all-versions", package], f"looking up {package}")
+    m = re.search(r"^Version: (\S+)", out, re.M)
+    if not m:
+        raise ImageError(f"apt-cache knows no version of {package}: run `apt-get update` first")
+    return m.group(1)
+
+
+def find_busybox(cache: Path, progress: Progress) -> Path:
+    """A statically linked busybox: the host's if static, else Debian's busybox-static."""
+    host = shutil.which("busybox")
+    if host and is_static_elf(Path(host)):
+        return Path(host)
+    if not shutil.which("apt-get"):
+        raise ImageError("no static busybox found: install busybox-static (Debian/Ubuntu) or put one on PATH")
+    version = _deb_version("busybox-static")
+    final = cache / "busybox" / re.sub(r"[^\w.+-]", "_", version)
+
+    def build(staging: Path) -> None:
+        progress(f"downloading busybox-static {version}")
+        deb = _apt_download("busybox-static", staging)
+        _run(["dpkg-deb", "-x", str(deb), str(staging / "x")], "unpacking busybox-static")
+        shutil.move(staging / "x" / "bin" / "busybox", staging / "busybox")
+        shutil.rmtree(staging / "x")
+        deb.unlink()
+
+    cached_build(final, build)
+    target = final / "busybox"
+    return target
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """A kernel ready for the builder: its image file, release, and modules to load in order."""
+
+    image: Path  # bzImage or vmlinux
+    release: str
+    identity: str  # what the image cache key uses to tell kernels apart
+    modules: tuple[Path, ...]
+
+
+def _collect(kernel: Path, moddir: Path | None, dest: Path, release: str) -> None:
+    """Copy the kernel and the vsock modules (with dependencies) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(kernel, dest / "kernel")
+    (dest / "release").write_text(release + "\n")
+    mods = dest / "modules"
+    mods.mkdir()
+    order = []
+    if moddir is not None:
+        for path in resolve_modules(moddir, VSOCK_MODULES):
+            name = path.name.split(".ko")[0] + ".ko"
+            (mods / name).write_bytes(read_module(path))
+            order.append(name)
+    (dest / "modules.order").write_text("".join(f"{n}\n" for n in order))
+
+
+def _load_collected(dest: Path, identity: str) -> KernelFiles:
+    order = (dest / "modules.order").read_text().split()
+    return KernelFiles(
+        image=dest / "kernel",
+        release=(dest / "release").read_text().strip(),
+        identity=identity,
+        modules=tuple(dest / "modules" / n for n in order),
+    )
+
+
+def _from_deb(deb: Path, dest: Path, progress: Progress) -> None:
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        progress(f"unpacking {deb.name}")
+        root = Path(tmp) / "x"
+        _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
+        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+        if not kernels:
+            raise ImageError(f"{deb.name} holds no /boot/vmlinuz-*: not a kernel package")
+        release = kernels[0].name.removeprefix("vmlinuz-")
+        moddirs = [
+            d for d in (root / "lib" / "modules" / release, root / "usr" / "lib" / "modules" / release) if d.is_dir()
+        ]
+        _collect(kernels[0], moddirs[0] if moddirs else None, dest, release)
+
+
+def debian_kernel(cache: Path, progress: Progress, package: str = DEFAULT_KERNEL_PACKAGE) -> KernelFiles:
+    """Debian's kernel package, downloaded and unpacked into the cache once per version."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise ImageError("no apt-get/dpkg-deb on this host to fetch Debian's kernel: pass a kernel with --kernel PATH")
+    # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
+    deps = _run(["apt-cache", "depends", package], f"looking up {package}")
+    m = re.search(r"Depends: (linux-image-\S+)", deps)
+    real = m.group(1) if m else package
+    version = _deb_version(real)
+    key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}")
+
+    def build(dest: Path) -> None:
+        progress(f"downloading {real} {version}")
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            _from_deb(_apt_download(real, Path(tmp)), dest, progress)
+
+    final = cache / "kernels" / key
+    cached_build(final, build)
+    return _load_collected(final, key)
+
+
+def user_kernel(path: Path, moddir: Path | None, cache: Path, progress: Progress) -> KernelFiles:
+    """A kernel the user gave: a .deb, or a bzImage/vmlinux with an optional module tree."""
+    if not path.is_file():
+        raise ImageError(f"kernel {path} does not exist")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if moddir is not None:
+        if not (moddir / "kernel").is_dir():
+            raise ImageError(f"{moddir} has no kernel/ directory: pass lib/modules/<release> of this kernel")
+        digest += "-" + hashlib.sha256(str(moddir.resolve()).encode()).hexdigest()[:8]
+    key = f"user-{digest}"
+
+    def build(dest: Path) -> None:
+        if path.suffix == ".deb":
+            _from_deb(path, dest, progress)
+        else:
+            release = moddir.name if moddir is not None else path.name
+            _collect(path, moddir, dest, release)
+
+    final = cache / "kernels" / key
+    cached_build(final, build)
+    return _load_collected(final, key)

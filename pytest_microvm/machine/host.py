@@ -1,0 +1,81 @@
+"""What this host can do for microVMs, each answer with the reason behind it.
+
+"Usable KVM" is more than /dev/kvm existing: on hosts that are themselves guests
+without nested hardware virtualisation, /dev/kvm may be backed by kvm_pvm, under which
+an ordinary guest kernel hangs (DESIGN.md). Such hosts get TCG, reported loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Capability:
+    usable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HostReport:
+    kvm: Capability
+    vhost_vsock: Capability
+    qemu: str | None  # path of qemu-system-x86_64
+    qemu_version: str | None
+
+    @property
+    def accel(self) -> str:
+        return "kvm" if self.kvm.usable else "tcg"
+
+
+def _kvm(root: Path) -> Capability:
+    dev = root / "dev" / "kvm"
+    if not dev.exists():
+        return Capability(False, "/dev/kvm does not exist (no KVM module, or not passed into this container)")
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return Capability(False, "/dev/kvm is not read/writable by this user (add it to the kvm group)")
+    if (root / "sys" / "module" / "kvm_pvm").exists():
+        return Capability(False, "/dev/kvm is backed by kvm_pvm, which hangs ordinary guest kernels")
+    try:
+        cpuinfo = (root / "proc" / "cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    if not re.search(r"^flags\s*:.*\b(vmx|svm)\b", cpuinfo, re.M):
+        return Capability(False, "the CPU shows no vmx/svm flag: no hardware virtualisation for guests")
+    return Capability(True, "/dev/kvm is usable and the CPU has hardware virtualisation")
+
+
+def _vhost_vsock(root: Path) -> Capability:
+    dev = root / "dev" / "vhost-vsock"
+    if not dev.exists():
+        return Capability(
+            False, "/dev/vhost-vsock does not exist (modprobe vhost_vsock, or pass it into the container)"
+        )
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return Capability(False, "/dev/vhost-vsock is not read/writable by this user")
+    return Capability(True, "/dev/vhost-vsock is usable")
+
+
+def qemu_version(qemu: str) -> str | None:
+    try:
+        out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else None
+
+
+def detect_host(root: Path = Path("/")) -> HostReport:
+    """Probe the host; ``root`` lets tests point it at a fake /dev, /proc and /sys."""
+    qemu = shutil.which("qemu-system-x86_64")
+    return HostReport(
+        kvm=_kvm(root),
+        vhost_vsock=_vhost_vsock(root),
+        qemu=qemu,
+        qemu_version=qemu_version(qemu) if qemu else None,
+    )
