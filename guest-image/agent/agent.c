@@ -290,6 +290,9 @@ static int job_queue_stdin(struct job *j, const unsigned char *d, uint32_t n)
 static void job_finish_if_done(struct job *j)
 {
 	if (j->kind == K_EXEC) {
+		/* End of input reached the command once the queue drained. */
+		if (!j->in_open && !j->inq_len)
+			close_fd(&j->in_fd);
 		if (!j->exited || j->out_fd >= 0 || j->err_fd >= 0)
 			return;
 		uint32_t v[3];
@@ -430,12 +433,12 @@ static char **build_env(char **extra, uint32_t n)
 static void start_exec(uint32_t id, struct cursor *c)
 {
 	uint32_t flags = cur_u32(c), timeout = cur_u32(c), argc = 0, envc = 0;
+	if (!c->err && (flags & ~EXEC_STDIN_PIPE))
+		c->err = "unknown exec flag";
 	char *cwd = cur_str(c);
 	char **argv = cur_strv(c, &argc);
 	char **envv = argv ? cur_strv(c, &envc) : NULL;
 	cur_end(c);
-	if (!c->err && (flags & ~EXEC_STDIN_PIPE))
-		c->err = "unknown exec flag";
 	if (!c->err && argc == 0)
 		c->err = "EXEC without argv";
 	if (c->err)
@@ -466,7 +469,7 @@ static void start_exec(uint32_t id, struct cursor *c)
 		setsid();
 		int nul = (flags & EXEC_STDIN_PIPE) ? in[0] : open("/dev/null", O_RDONLY);
 		if (dup2(nul, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0 ||
-		    (cwd[0] && chdir(cwd) < 0)) {
+		    chdir(cwd[0] ? cwd : "/") < 0) {
 			int e = errno;
 			(void)!write(ep[1], &e, sizeof e);
 			_exit(127);
@@ -566,6 +569,8 @@ static const char *handle_frame(uint16_t type, uint32_t id, const unsigned char 
 	int job_frame = type == T_EXEC || type == T_STDIN || type == T_KILL ||
 			type == T_CREDIT || type == T_PUT || type == T_GET;
 
+	if (type == T_HELLO || type == T_STDOUT || type == T_STDERR || type == T_EXIT)
+		return "misdirected frame type (agent-to-host only)";
 	if (!handshaken) {
 		if (type != T_HELLO_ACK)
 			return "frame before the handshake ended";
@@ -629,6 +634,8 @@ static const char *handle_frame(uint16_t type, uint32_t id, const unsigned char 
 		say("host reported an error, reconnecting");
 		drop_connection();
 		return NULL;
+	case T_HELLO_ACK:
+		return "HELLO_ACK after the handshake";
 	case T_POWEROFF:
 		if (len)
 			return "POWEROFF with a payload";

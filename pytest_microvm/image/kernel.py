@@ -11,6 +11,7 @@ import bz2
 import gzip
 import lzma
 import struct
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -83,12 +84,14 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
         elif kind == "lzma":
             elf = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE).decompress(payload)
         elif kind == "gzip":
-            elf = gzip.decompress(payload)
+            # A streaming decompressor: it stops at the end of the stream and ignores
+            # whatever the kernel build appended after it.
+            elf = zlib.decompressobj(wbits=31).decompress(payload)
         elif kind == "bzip2":
             elf = bz2.BZ2Decompressor().decompress(payload)
         else:
             raise ImageError(f"the kernel payload is {kind or 'in an unknown format'}, which Python cannot unpack")
-    except (lzma.LZMAError, OSError, EOFError) as exc:
+    except (lzma.LZMAError, zlib.error, OSError, EOFError) as exc:
         raise ImageError(f"unpacking the {kind} kernel payload failed: {exc}") from exc
     if not is_elf(elf):
         raise ImageError("the unpacked kernel payload is not an ELF file")

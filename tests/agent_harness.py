@@ -1,0 +1,81 @@
+"""Runs the real agent binary on the host against the real client over a Unix socket.
+
+Shared by the unit tests (no VM): the agent process is the same binary that runs as
+PID 1 in the image, only connected to a Unix socket instead of vsock.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pytest_microvm import _proc
+from pytest_microvm.channel import UnixListener, connect_agent
+from pytest_microvm.client import AgentClient
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class HostAgent:
+    """An agent process on the host plus the listener it connects to."""
+
+    def __init__(self, binary: Path, workdir: Path, token: str | None = None) -> None:
+        self.token = token if token is not None else secrets.token_hex(16)
+        self.socket_path = workdir / "agent.sock"
+        self.listener = UnixListener(self.socket_path)
+        self.proc: subprocess.Popen[bytes] = _proc.spawn(
+            [str(binary), "--unix", str(self.socket_path), "--token", self.token],
+            stderr=subprocess.DEVNULL,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self, timeout: float = 10.0) -> AgentClient:
+        """Accept the agent's next connection and handshake."""
+        return connect_agent(self.listener, token=self.token, timeout=timeout)
+
+    def raw(self, timeout: float = 10.0) -> socket.socket:
+        """Accept the agent's next connection without a handshake."""
+        return self.listener.accept(timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        _proc.stop(self.proc, grace=1.0)
+        self.listener.close()
+
+
+@contextmanager
+def host_agent(binary: Path, workdir: Path, token: str | None = None) -> Iterator[HostAgent]:
+    agent = HostAgent(binary, workdir, token)
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (to check the agent leaves no command behind)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids

@@ -1,0 +1,250 @@
+"""The real agent binary against the real client over a Unix socket: the exec path.
+
+No VM here: the agent runs on the host, which is exactly how it runs in the guest
+except for the socket family. These tests pin the behaviour docs/protocol.md promises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pytest_microvm import AgentError, CommandError, CommandTimeout
+from pytest_microvm.client import AgentClient
+from tests.agent_harness import HostAgent, children_of, rss_kib
+
+
+@pytest.mark.parametrize("code", [0, 1, 7, 255])
+def test_exit_codes(client: AgentClient, code: int) -> None:
+    r = client.run(["sh", "-c", f"exit {code}"])
+    assert (r.exit_code, r.signal, r.timed_out) == (code, 0, False)
+    assert r.ok is (code == 0)
+
+
+def test_death_by_signal(client: AgentClient) -> None:
+    r = client.run(["sh", "-c", "kill -TERM $$"])
+    assert (r.exit_code, r.signal, r.timed_out) == (-1, signal.SIGTERM, False)
+    assert "SIGTERM" in r.describe()
+
+
+def test_stdout_and_stderr_are_separate_and_byte_exact(client: AgentClient) -> None:
+    # printf with octal escapes: NUL, 0xff, no trailing newline, on both streams.
+    r = client.run(["sh", "-c", r"printf 'out\000\377x'; printf 'err\001\200' >&2; exit 3"])
+    assert r.stdout == b"out\x00\xffx"
+    assert r.stderr == b"err\x01\x80"
+    assert r.exit_code == 3
+
+
+def test_shell_string_and_argv_forms(client: AgentClient) -> None:
+    assert client.run("echo $((6*7))").stdout == b"42\n"
+    # argv is passed verbatim: no shell splits or expands it.
+    assert client.run(["echo", "a  b", "$HOME"]).stdout == b"a  b $HOME\n"
+
+
+def test_env_is_added_to_the_base_environment(client: AgentClient) -> None:
+    r = client.run(["sh", "-c", 'echo "$GREETING|$HOME|$PATH"'], env={"GREETING": "hi there"})
+    assert r.stdout == b"hi there|/root|/usr/sbin:/usr/bin:/sbin:/bin\n"
+    r = client.run(["sh", "-c", 'echo "$HOME"'], env={"HOME": "/elsewhere"})
+    assert r.stdout == b"/elsewhere\n"
+
+
+def test_cwd(client: AgentClient, tmp_path: Path) -> None:
+    assert client.run(["pwd"], cwd=str(tmp_path)).stdout == f"{tmp_path}\n".encode()
+    assert client.run(["pwd"]).stdout == b"/\n"
+
+
+def test_missing_cwd_is_an_agent_error(client: AgentClient) -> None:
+    with pytest.raises(AgentError) as info:
+        client.run(["true"], cwd="/no/such/dir")
+    assert info.value.code == 2
+
+
+def test_missing_program_is_an_agent_error_naming_it(client: AgentClient) -> None:
+    with pytest.raises(AgentError, match="no-such-program-xyz") as info:
+        client.run(["no-such-program-xyz"])
+    assert info.value.code == 2  # ENOENT
+
+
+def test_stdin(client: AgentClient) -> None:
+    data = os.urandom(300_000)  # more than one STDIN window: exercises stdin credit
+    r = client.run(["sha256sum"], stdin=data)
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_stdin_is_dev_null_by_default(client: AgentClient) -> None:
+    assert client.run(["cat"], timeout=10).stdout == b""
+
+
+def test_stdin_to_a_command_that_does_not_read_it(client: AgentClient) -> None:
+    # The command exits without reading: the rest of the input is dropped, no hang.
+    r = client.run(["true"], stdin=os.urandom(2_000_000), timeout=20)
+    assert r.exit_code == 0
+
+
+def test_timeout_kills_the_process_group(client: AgentClient) -> None:
+    start = time.monotonic()
+    # The child sleep holds stdout open: only killing the whole group ends the job.
+    r = client.run(["sh", "-c", "sleep 30 & sleep 30; echo never"], timeout=0.5)
+    assert r.timed_out and r.signal == signal.SIGKILL and r.stdout == b""
+    assert time.monotonic() - start < 10
+
+
+def test_check_raises_command_error_with_the_result(client: AgentClient) -> None:
+    with pytest.raises(CommandError) as info:
+        client.run("echo boom >&2; exit 4", check=True)
+    assert info.value.result.exit_code == 4
+    assert "boom" in str(info.value)
+
+
+def test_probe(client: AgentClient) -> None:
+    assert 0 < client.probe() < 5
+
+
+def test_100_mib_of_output_with_flat_agent_rss(client: AgentClient, module_agent: HostAgent) -> None:
+    """Stream 100 MiB through a Process read slowly, sampling the agent's RSS."""
+    total = 100 * 1024 * 1024
+    proc = client.start(["head", "-c", str(total), "/dev/zero"])
+    received = 0
+    samples = []
+    while (chunk := proc.read(timeout=30)) is not None:
+        assert chunk[0] == "stdout"
+        received += len(chunk[1])
+        if received % (8 * 1024 * 1024) < len(chunk[1]):
+            samples.append(rss_kib(module_agent.pid))
+    assert proc.wait().exit_code == 0
+    assert received == total
+    # Flat: fixed buffers, no growth with the amount streamed.
+    assert max(samples) < 16 * 1024, samples
+    assert max(samples[1:]) - samples[1] < 2048, samples
+
+
+def test_unread_output_stalls_the_command_not_the_agent_memory(client: AgentClient, module_agent: HostAgent) -> None:
+    """A Process nobody reads: the agent stops at the credit window, RSS stays put."""
+    proc = client.start(["head", "-c", str(50 * 1024 * 1024), "/dev/zero"])
+    time.sleep(1.0)
+    before = rss_kib(module_agent.pid)
+    time.sleep(1.0)
+    assert rss_kib(module_agent.pid) - before < 512
+    assert not proc.done  # blocked in write(), waiting for us
+    # The other jobs on the connection are not blocked by the stalled one.
+    assert client.run(["echo", "still here"], timeout=10).stdout == b"still here\n"
+    proc.kill()
+    result = proc.wait(timeout=10)
+    assert result.signal == signal.SIGKILL
+
+
+def test_16_commands_at_once(client: AgentClient) -> None:
+    results: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        try:
+            r = client.run(["sh", "-c", f"sleep 0.5; echo job{i}; echo e{i} >&2"], timeout=30)
+            assert r.stderr == f"e{i}\n".encode()
+            results[i] = r.stdout
+        except BaseException as exc:
+            errors.append(exc)
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == {i: f"job{i}\n".encode() for i in range(16)}
+    # They ran concurrently: 16 x 0.5 s in sequence would take 8 s.
+    assert time.monotonic() - start < 6
+
+
+def test_more_jobs_than_the_agent_limit_queue_on_the_host(client: AgentClient) -> None:
+    procs = [client.start(["sleep", "0.2"]) for _ in range(64)]
+    # A 65th waits for a slot instead of being refused.
+    extra = threading.Thread(target=lambda: client.run(["true"], timeout=30))
+    extra.start()
+    for p in procs:
+        assert p.wait(timeout=30).exit_code == 0
+    extra.join(30)
+    assert not extra.is_alive()
+
+
+def test_streaming_process_stdin_and_output(client: AgentClient) -> None:
+    proc = client.start(["cat"], stdin=True)
+    proc.write(b"hello ")
+    assert proc.read(timeout=10) == ("stdout", b"hello ")
+    proc.write(b"world")
+    proc.close_stdin()
+    result = proc.wait(timeout=10)
+    assert result.stdout == b"world" and result.exit_code == 0
+
+
+def test_kill_a_running_process(client: AgentClient) -> None:
+    proc = client.start(["sleep", "60"])
+    proc.kill(signal.SIGINT)
+    result = proc.wait(timeout=10)
+    assert result.signal == signal.SIGINT
+
+
+def test_read_timeout(client: AgentClient) -> None:
+    proc = client.start(["sleep", "5"])
+    with pytest.raises(CommandTimeout):
+        proc.read(timeout=0.2)
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def test_file_put_get_round_trip(client: AgentClient, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    src, back = tmp_path / "src.bin", tmp_path / "back.bin"
+    src.write_bytes(data)
+    src.chmod(0o640)
+    remote = str(tmp_path / "remote.bin")
+    client.put_file(src, remote)
+    assert os.stat(remote).st_mode & 0o777 == 0o640
+    # The agent's own view of the content, then the copy back.
+    digest = client.run(["sha256sum", remote]).stdout.split()[0].decode()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert client.get_file(remote, back) == len(data)
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    client.write_file(remote, b"small", mode=0o600)
+    assert client.read_file(remote) == b"small"
+
+
+def test_file_errors(client: AgentClient, tmp_path: Path) -> None:
+    with pytest.raises(AgentError) as info:
+        client.read_file("/no/such/file")
+    assert info.value.code == 2
+    with pytest.raises(AgentError) as info:
+        client.read_file(str(tmp_path))
+    assert info.value.code == 21  # EISDIR
+    with pytest.raises(AgentError):
+        client.write_file("/no/such/dir/file", b"x")
+    dest = tmp_path / "partial"
+    with pytest.raises(AgentError):
+        client.get_file("/no/such/file", dest)
+    assert not dest.exists()  # no partial file left behind
+
+
+def test_invalid_arguments_are_refused_before_sending(client: AgentClient) -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        client.run(["echo", "a\0b"])
+    with pytest.raises(ValueError, match="empty"):
+        client.run([])
+    with pytest.raises(ValueError, match="environment"):
+        client.run(["true"], env={"A=B": "c"})
+    assert client.run(["true"]).ok  # the connection is unharmed
+
+
+def test_commands_leave_no_processes_behind(client: AgentClient, module_agent: HostAgent) -> None:
+    for _ in range(20):
+        client.run(["true"])
+    deadline = time.monotonic() + 5
+    while children_of(module_agent.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert children_of(module_agent.pid) == []
