@@ -232,11 +232,12 @@ _SAFE_EXEC = p.encode_exec(1, ["true"])
 
 
 def _frames_are_safe(data: bytes) -> bool:
-    """True unless the bytes would decode to an EXEC or PUT we did not write (never run random argv)."""
+    """False if the bytes hold a frame header for EXEC or PUT (never run random argv or write
+    random paths) or POWEROFF (on which the agent exits by design)."""
     pos = 0
     while pos + p.HEADER_SIZE <= len(data):
         length, ftype, _flags, _fid = p.HEADER.unpack_from(data, pos)
-        if ftype in (p.FrameType.EXEC, p.FrameType.PUT):
+        if ftype in (p.FrameType.EXEC, p.FrameType.PUT, p.FrameType.POWEROFF):
             return False
         pos += p.HEADER_SIZE + length
     return True
@@ -276,5 +277,5 @@ def test_agent_survives_arbitrary_bytes(fuzz_agent: HostAgent, data: bytes) -> N
     finally:
         sock.close()
     assert all(f.type in p.FROM_AGENT for f in frames)
-    assert fuzz_agent.alive()
+    assert fuzz_agent.alive(), f"the agent exited with status {fuzz_agent.proc.returncode} on {data!r}"
     assert rss_kib(fuzz_agent.pid) < 16 * 1024  # no allocation driven by the lengths it was sent
