@@ -1,0 +1,29 @@
+"""The wheel carries what a user's machine needs to build the image: the agent source."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_ships_agent_source_entry_point_and_types(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("pytest_microvm-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        agent = zf.read("pytest_microvm/_guest/agent/agent.c")
+        (entry_points,) = (n for n in names if n.endswith("entry_points.txt"))
+        entry_text = zf.read(entry_points).decode()
+    assert agent == (REPO / "guest-image" / "agent" / "agent.c").read_bytes()
+    assert "pytest_microvm/py.typed" in names
+    assert "[pytest11]\nmicrovm = pytest_microvm.plugin" in entry_text
+    assert "microvm = pytest_microvm.cli:main" in entry_text
