@@ -28,10 +28,17 @@ def spawn(
     stdin: int | IO[Any] | None = subprocess.DEVNULL,
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (a list, never a shell string) so that it dies with this process."""
     return subprocess.Popen(
-        list(argv), stdin=stdin, stdout=stdout, stderr=stderr, preexec_fn=_die_with_parent, close_fds=True
+        list(argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        preexec_fn=_die_with_parent,
+        close_fds=True,
+        pass_fds=tuple(pass_fds),
     )
 
 

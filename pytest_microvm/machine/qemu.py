@@ -32,6 +32,7 @@ def qemu_argv(
     memory_mib: int = 256,
     vcpus: int = 1,
     cmdline: Sequence[str] = (),
+    shared_memory: bool = False,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """QEMU arguments booting ``image``.
@@ -40,11 +41,20 @@ def qemu_argv(
     uncompressed (DESIGN.md: 1.85 s vs 1.82 s), and it has HPET, so it needs no
     host-specific TSC frequency hint to boot reliably. ``-no-reboot`` with
     ``panic=-1`` turns a guest panic into an immediate QEMU exit.
+
+    ``shared_memory`` backs guest RAM with a shared memfd, which a vhost-user backend
+    (the userspace vsock) needs to map the rings and buffers.
     """
     append = ["console=ttyS0", "panic=-1", "quiet", *cmdline]
+    machine = f"q35,accel={accel}"
+    memory: list[str] = []
+    if shared_memory:
+        machine += ",memory-backend=mem"
+        memory = ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"]
     return [
         qemu,
-        "-machine", f"q35,accel={accel}",
+        "-machine", machine,
+        *memory,
         *(["-cpu", "host"] if accel == "kvm" else []),
         "-m", str(memory_mib),
         "-smp", str(vcpus),

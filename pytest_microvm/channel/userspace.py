@@ -1,0 +1,114 @@
+"""The host end of the userspace vsock flavour: the backend process and its sockets.
+
+One backend process per VM (:mod:`pytest_microvm.channel.vhost_user`). The host side of
+guest port P is the Unix socket ``<uds>_<P>``; the host reaches guest port P by
+connecting to ``<uds>`` and saying ``CONNECT P``.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from pytest_microvm import _proc
+from pytest_microvm.channel.unix import UnixListener
+from pytest_microvm.errors import ConnectionLost, MicroVMError
+
+
+class BackendError(MicroVMError):
+    """The userspace vsock backend failed or is gone; its stderr tail says why."""
+
+
+class UserspaceVsock:
+    """Starts and stops the vhost-user-vsock backend for one guest."""
+
+    def __init__(self, workdir: Path, guest_cid: int) -> None:
+        self.workdir = workdir
+        self.guest_cid = guest_cid
+        self.control_path = workdir / "vhost-user-vsock.sock"
+        self.uds_path = workdir / "vsock"
+        self.stderr_path = workdir / "vsock-backend.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        # Listen here and hand the socket over: QEMU may connect the moment we return,
+        # with no window in which the path does not exist yet.
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            control.bind(str(self.control_path))
+            control.listen(1)
+            argv = [sys.executable, "-m", "pytest_microvm.channel.vhost_user", "--socket-fd", str(control.fileno())]
+            argv += ["--uds", str(self.uds_path), "--guest-cid", str(self.guest_cid)]
+            with self.stderr_path.open("wb") as err:
+                self._proc = _proc.spawn(argv, stderr=err, pass_fds=[control.fileno()])
+        finally:
+            control.close()
+        deadline = time.monotonic() + 10
+        while not self.uds_path.exists():  # bound by the backend once it is up
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise BackendError(f"the vsock backend did not start within 10s:\n{self.stderr_tail()}")
+            time.sleep(0.005)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stderr_tail(self, n: int = 3000) -> str:
+        try:
+            return self.stderr_path.read_bytes()[-n:].decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise BackendError(f"the vsock backend exited with status {self._proc.returncode}:\n{self.stderr_tail()}")
+
+    def qemu_args(self) -> list[str]:
+        """The QEMU device arguments (the machine also needs shared memory: see qemu_argv)."""
+        return [
+            "-chardev", f"socket,id=vsock,path={self.control_path}",
+            "-device", "vhost-user-vsock-pci,chardev=vsock",
+        ]  # fmt: skip
+
+    def listen(self, port: int) -> UnixListener:
+        """Where the guest's connections to CID 2 port ``port`` arrive."""
+        return UnixListener(f"{self.uds_path}_{port}", backlog=128)
+
+    def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """Open a connection to guest port ``port``; raise ConnectionLost if the guest refuses."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.uds_path))
+            sock.sendall(f"CONNECT {port}\n".encode())
+            line = b""
+            while not line.endswith(b"\n"):
+                b = sock.recv(1)
+                if not b:
+                    raise ConnectionLost(f"the guest refused a connection to vsock port {port}")
+                line += b
+            if not line.startswith(b"OK "):
+                raise ConnectionLost(f"unexpected answer to CONNECT {port}: {line!r}")
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._proc is not None:
+            _proc.stop(self._proc, grace)
+
+    def __enter__(self) -> UserspaceVsock:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
