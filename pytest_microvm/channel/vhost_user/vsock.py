@@ -401,6 +401,8 @@ class Muxer:
         return events
 
     def on_event(self, fd: int, events: int, rx: Virtqueue, mem: GuestMemory) -> None:
+        if self.listener is not None and fd == self.listener.fileno():
+            return self.accept_host()
         target = self.by_fd.get(fd)
         if target is None:
             return
