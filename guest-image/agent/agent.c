@@ -474,7 +474,10 @@ static void start_exec(uint32_t id, struct cursor *c)
 			(void)!write(ep[1], &e, sizeof e);
 			_exit(127);
 		}
-		execvpe(argv[0], argv, env);
+		/* execvpe() would search the agent's own PATH (as PID 1, the kernel's minimal
+		 * environment); the command's PATH is the one that counts. */
+		environ = env;
+		execvp(argv[0], argv);
 		int e = errno;
 		(void)!write(ep[1], &e, sizeof e);
 		_exit(127);
@@ -650,15 +653,21 @@ static void malformed(const char *why)
 {
 	say("malformed frame from host: %s; closing the connection", why);
 	kill_all_jobs();
-	out_len = 0; /* what was queued is moot: tell the host why, then go */
+	/* Whatever is queued stays: the buffer may end in a half-sent frame, and cutting
+	 * it would corrupt the stream. The error goes after it, flushed with a bounded wait
+	 * (a host that does not read must not hold the agent). */
 	send_error(0, EPROTO, "malformed frame: %s", why);
-	unsigned char *p = outbuf;
-	while (out_len) {
-		ssize_t w = send(conn, p, out_len, MSG_NOSIGNAL);
-		if (w <= 0)
+	uint64_t deadline = now_ms() + 1000;
+	size_t done = 0;
+	while (done < out_len && now_ms() < deadline) {
+		struct pollfd p = { conn, POLLOUT, 0 };
+		if (poll(&p, 1, 100) <= 0)
+			continue;
+		ssize_t w = send(conn, outbuf + done, out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w < 0 && errno != EAGAIN && errno != EINTR)
 			break;
-		p += w;
-		out_len -= (size_t)w;
+		if (w > 0)
+			done += (size_t)w;
 	}
 	drop_connection();
 }
@@ -916,18 +925,118 @@ static void power_off(void)
 		pause();
 }
 
-/* ---- main loop -------------------------------------------------------------- */
-
 static int usage(void)
 {
 	fprintf(stderr, "usage: microvm-agent [--unix PATH] [--token TOKEN] [--once]\n"
-			"  As PID 1 it reads microvm.port/cid/token from /proc/cmdline.\n");
+			"       microvm-agent --connect CID:PORT | --listen PORT | --echo PORT\n"
+			"  As PID 1 it reads microvm.port/cid/token from /proc/cmdline.\n"
+			"  The tool modes relay stdin/stdout over one vsock connection (--echo:\n"
+			"  echo every connection back) for tests of the vsock path.\n");
 	return 2;
 }
+
+/* ---- tool mode: a tiny socat for vsock, so tests can open guest-side connections ---- */
+
+static int write_all(int fd, const char *p, size_t n)
+{
+	while (n) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return -1;
+		p += w;
+		n -= (size_t)w;
+	}
+	return 0;
+}
+
+/* Copy stdin to the socket and the socket to stdout until the socket reaches EOF;
+ * stdin's EOF becomes a half-close (SHUT_WR), so the peer sees the end of our data. */
+static int relay(int fd, int in, int out)
+{
+	static char buf[CHUNK];
+	int in_open = 1;
+	for (;;) {
+		struct pollfd p[2] = { { in, in_open ? POLLIN : 0, 0 }, { fd, POLLIN, 0 } };
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return 1;
+		}
+		if (in_open && p[0].revents) {
+			ssize_t n = read(in, buf, sizeof buf);
+			if (n <= 0) {
+				in_open = 0;
+				shutdown(fd, SHUT_WR);
+			} else if (write_all(fd, buf, (size_t)n) < 0) {
+				return 1;
+			}
+		}
+		if (p[1].revents) {
+			ssize_t n = read(fd, buf, sizeof buf);
+			if (n <= 0)
+				return n < 0;
+			if (write_all(out, buf, (size_t)n) < 0)
+				return 1;
+		}
+	}
+}
+
+static int vsock_listener(unsigned port)
+{
+	struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port };
+	int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 64) < 0) {
+		say("listen on vsock port %u: %s", port, strerror(errno));
+		exit(1);
+	}
+	return fd;
+}
+
+static int tool(const char *mode, const char *arg)
+{
+	signal(SIGPIPE, SIG_IGN);
+	if (!strcmp(mode, "--connect")) { /* CID:PORT */
+		unsigned cid, port;
+		if (sscanf(arg, "%u:%u", &cid, &port) != 2)
+			return usage();
+		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port };
+		int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+			say("connect to vsock %u:%u: %s", cid, port, strerror(errno));
+			return 1;
+		}
+		return relay(fd, 0, 1);
+	}
+	int lfd = vsock_listener((unsigned)strtoul(arg, NULL, 10));
+	if (!strcmp(mode, "--listen")) { /* one connection, relayed to stdio */
+		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+		close(lfd);
+		return fd < 0 ? 1 : relay(fd, 0, 1);
+	}
+	signal(SIGCHLD, SIG_IGN); /* --echo: every connection echoed by a child, forever */
+	for (;;) {
+		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0)
+			continue;
+		if (fork() == 0) {
+			close(lfd);
+			_exit(relay(fd, fd, fd));
+		}
+		close(fd);
+	}
+}
+
+/* ---- main loop -------------------------------------------------------------- */
+
 
 int main(int argc, char **argv)
 {
 	cfg.pid1 = getpid() == 1;
+	if (!cfg.pid1 && argc == 3 && (!strcmp(argv[1], "--connect") || !strcmp(argv[1], "--listen") ||
+				       !strcmp(argv[1], "--echo")))
+		return tool(argv[1], argv[2]);
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--unix") && i + 1 < argc)
 			cfg.unix_path = argv[++i];

@@ -248,3 +248,12 @@ def test_commands_leave_no_processes_behind(client: AgentClient, module_agent: H
     while children_of(module_agent.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert children_of(module_agent.pid) == []
+
+
+def test_program_is_looked_up_in_the_commands_path(client: AgentClient, tmp_path: Path) -> None:
+    # The search must use the PATH the command gets, not the agent's own (as PID 1 the
+    # agent's environment is the kernel's, without /sbin).
+    tool = tmp_path / "only-here"
+    tool.write_text("#!/bin/sh\necho found\n")
+    tool.chmod(0o755)
+    assert client.run(["only-here"], env={"PATH": f"{tmp_path}:/bin:/usr/bin"}).stdout == b"found\n"

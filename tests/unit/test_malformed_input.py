@@ -279,3 +279,20 @@ def test_agent_survives_arbitrary_bytes(fuzz_agent: HostAgent, data: bytes) -> N
     assert all(f.type in p.FROM_AGENT for f in frames)
     assert fuzz_agent.alive(), f"the agent exited with status {fuzz_agent.proc.returncode} on {data!r}"
     assert rss_kib(fuzz_agent.pid) < 16 * 1024  # no allocation driven by the lengths it was sent
+
+
+def test_agent_error_after_queued_output_keeps_the_stream_intact(fresh_agent: HostAgent) -> None:
+    """Output queued before a malformed frame is delivered whole, then the ERROR."""
+    sock = handshake_raw(fresh_agent)
+    # Eight jobs' credit windows (2 MiB) of output the host does not read: more than the
+    # socket buffer holds, so the agent's queue ends in a partly sent frame.
+    for job in range(1, 9):
+        sock.sendall(p.encode_exec(job, ["head", "-c", str(4 << 20), "/dev/zero"]))
+    time.sleep(1.0)
+    sock.sendall(p.HEADER.pack(0, 99, 0, 1))  # malformed
+    frames = drain(sock)  # FrameDecoder raises if a frame was cut
+    sock.close()
+    assert frames[-1].type is p.FrameType.ERROR and frames[-1].id == 0
+    assert "unknown frame type" in p.parse_error(frames[-1].payload).message
+    assert all(f.type is p.FrameType.STDOUT for f in frames[:-1])
+    assert fresh_agent.alive()
