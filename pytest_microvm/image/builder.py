@@ -32,7 +32,7 @@ from pytest_microvm.image.sources import (
 )
 
 # Bump when the image layout or what /init expects changes: old cache entries then stop matching.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 AGENT_CFLAGS = ("-static", "-O2", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 MANIFEST = "manifest.json"
 
@@ -132,6 +132,7 @@ def _write_initramfs(out: Path, agent: Path, busybox: Path, modules: tuple[Path,
         w.char_device("dev/console", 5, 1)
         w.char_device("dev/null", 1, 3, 0o666)
         w.file("init", agent.read_bytes(), 0o755)
+        w.symlink("usr/bin/microvm-agent", "/init")  # the tool modes (--connect, --listen, --echo)
         w.file("bin/busybox", busybox.read_bytes(), 0o755)
         for applet in applets:
             if applet != "bin/busybox" and not applet.startswith("linuxrc"):

@@ -33,6 +33,7 @@ def qemu_argv(
     vcpus: int = 1,
     cmdline: Sequence[str] = (),
     shared_memory: bool = False,
+    no_reboot: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """QEMU arguments booting ``image``.
@@ -42,6 +43,7 @@ def qemu_argv(
     host-specific TSC frequency hint to boot reliably. ``-no-reboot`` with
     ``panic=-1`` turns a guest panic into an immediate QEMU exit.
 
+    ``no_reboot=False`` lets a guest reboot in place (QEMU keeps running).
     ``shared_memory`` backs guest RAM with a shared memfd, which a vhost-user backend
     (the userspace vsock) needs to map the rings and buffers.
     """
@@ -61,7 +63,7 @@ def qemu_argv(
         "-nodefaults",
         "-no-user-config",
         "-display", "none",
-        "-no-reboot",
+        *(["-no-reboot"] if no_reboot else []),
         "-chardev", f"file,id=console,path={_qemu_path(console)}",
         "-serial", "chardev:console",
         "-kernel", str(image.kernel),
