@@ -19,9 +19,10 @@ from pytest_microvm.errors import ImageError
 
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 
-# What the guest needs for a virtio vsock device on PCI or MMIO transports, in
-# dependency order; modules.dep fills in anything this list forgets.
-VSOCK_MODULES = (
+# What the guest needs for a virtio vsock device on PCI or MMIO transports, plus
+# virtio-console (virtio-serial ports: the benchmark's reference channel), in load
+# order; each module's own dependencies are added before it.
+GUEST_MODULES = (
     "virtio_ring",
     "virtio",
     "virtio_pci_modern_dev",
@@ -31,6 +32,7 @@ VSOCK_MODULES = (
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    "virtio_console",
 )
 
 _DECOMPRESSORS = (

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
-from pytest_microvm.image.kernel import VSOCK_MODULES, is_elf, read_module, resolve_modules
+from pytest_microvm.image.kernel import GUEST_MODULES, is_elf, read_module, resolve_modules
 
 Progress = Callable[[str], None]
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
@@ -107,6 +107,11 @@ class KernelFiles:
     modules: tuple[Path, ...]
 
 
+def _modules_key() -> str:
+    """Part of every kernel cache key: a different module list is a different entry."""
+    return hashlib.sha256(" ".join(GUEST_MODULES).encode()).hexdigest()[:8]
+
+
 def _collect(kernel: Path, moddir: Path | None, dest: Path, release: str) -> None:
     """Copy the kernel and the vsock modules (with dependencies) into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -116,7 +121,7 @@ def _collect(kernel: Path, moddir: Path | None, dest: Path, release: str) -> Non
     mods.mkdir()
     order = []
     if moddir is not None:
-        for path in resolve_modules(moddir, VSOCK_MODULES):
+        for path in resolve_modules(moddir, GUEST_MODULES):
             name = path.name.split(".ko")[0] + ".ko"
             (mods / name).write_bytes(read_module(path))
             order.append(name)
@@ -157,7 +162,7 @@ def debian_kernel(cache: Path, progress: Progress, package: str = DEFAULT_KERNEL
     m = re.search(r"Depends: (linux-image-\S+)", deps)
     real = m.group(1) if m else package
     version = _deb_version(real)
-    key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}")
+    key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + "-" + _modules_key()
 
     def build(dest: Path) -> None:
         progress(f"downloading {real} {version}")
@@ -178,7 +183,7 @@ def user_kernel(path: Path, moddir: Path | None, cache: Path, progress: Progress
         if not (moddir / "kernel").is_dir():
             raise ImageError(f"{moddir} has no kernel/ directory: pass lib/modules/<release> of this kernel")
         digest += "-" + hashlib.sha256(str(moddir.resolve()).encode()).hexdigest()[:8]
-    key = f"user-{digest}"
+    key = f"user-{digest}-{_modules_key()}"
 
     def build(dest: Path) -> None:
         if path.suffix == ".deb":

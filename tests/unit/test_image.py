@@ -118,3 +118,22 @@ def test_resolve_modules_orders_dependencies_first(tmp_path: Path) -> None:
     assert order == ["virtio_ring.ko", "virtio.ko", "vsock.ko", "vmw_vsock_virtio_transport.ko.xz"]
     with pytest.raises(ImageError, match="no_such_mod is neither"):
         resolve_modules(tmp_path, ["no_such_mod"])
+
+
+def test_kernel_cache_entry_follows_the_module_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_microvm.image import sources
+
+    moddir = tmp_path / "lib" / "modules" / "6.1-test"
+    (moddir / "kernel").mkdir(parents=True)
+    (moddir / "kernel" / "virtio_ring.ko").write_bytes(ko(""))
+    (moddir / "kernel" / "virtio.ko").write_bytes(ko("virtio_ring"))
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(PVH_ELF)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(sources, "GUEST_MODULES", ("virtio_ring",))
+    one = sources.user_kernel(kernel, moddir, cache, lambda _m: None)
+    monkeypatch.setattr(sources, "GUEST_MODULES", ("virtio_ring", "virtio"))
+    two = sources.user_kernel(kernel, moddir, cache, lambda _m: None)
+    assert [p.name for p in one.modules] == ["virtio_ring.ko"]
+    assert [p.name for p in two.modules] == ["virtio_ring.ko", "virtio.ko"]
+    assert one.identity != two.identity
