@@ -39,6 +39,7 @@ class GuestMemory:
 
     def __init__(self) -> None:
         self._maps: list[_Mapped] = []
+        self._last: tuple[int, int, mmap.mmap, int] | None = None  # start, end, mapping, gpa - offset
 
     def set_table(self, regions: list[MemRegion], fds: tuple[int, ...]) -> None:
         """Map the regions (one fd each, closed here) and drop the previous mapping."""
@@ -64,6 +65,7 @@ class GuestMemory:
             with contextlib.suppress(BufferError):
                 m.mm.close()
         self._maps = []
+        self._last = None
 
     @property
     def mapped(self) -> bool:
@@ -71,9 +73,15 @@ class GuestMemory:
 
     def gpa(self, gpa: int, length: int) -> tuple[mmap.mmap, int]:
         """(mapping, offset) of a guest-physical range."""
+        # Hot path (every descriptor): try the region that answered last time first.
+        last = self._last
+        if last is not None and last[0] <= gpa and gpa + length <= last[1]:
+            return last[2], gpa - last[3]
         for m in self._maps:
             if m.contains_gpa(gpa, length):
-                return m.mm, m.region.mmap_offset + gpa - m.region.gpa
+                r = m.region
+                self._last = (r.gpa, r.gpa + r.size, m.mm, r.gpa - r.mmap_offset)
+                return m.mm, r.mmap_offset + gpa - r.gpa
         raise BadAddress(f"guest address {gpa:#x}+{length:#x} is outside guest memory")
 
     def uva(self, uva: int, length: int) -> tuple[mmap.mmap, int]:

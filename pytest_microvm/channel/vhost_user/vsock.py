@@ -38,7 +38,7 @@ TYPE_STREAM = 1
 SHUTDOWN_RCV = 1
 SHUTDOWN_SEND = 2
 MAX_PKT_PAYLOAD = 64 * 1024  # what Linux sends at most per packet
-BUF_ALLOC = 256 * 1024  # our per-connection receive buffer (guest→host bytes not yet forwarded)
+BUF_ALLOC = 1024 * 1024  # our per-connection receive buffer (guest→host bytes not yet forwarded)
 CONNECT_LINE_MAX = 64
 HOST_CONNECT_TIMEOUT = 10.0  # seconds the guest has to answer a host-initiated REQUEST
 MAX_CONTROL_BACKLOG = 1024  # control packets queued for the guest before TX processing pauses
@@ -137,7 +137,9 @@ class Muxer:
         self.pending_hosts: list[PendingHost] = []
         self.control: collections.deque[bytes] = collections.deque()  # header-only packets for the guest
         self._next_port = 49152
-        self.stats = collections.Counter[str]()
+        self.stats = collections.Counter[str]()  # events worth counting (RSTs, drops, errors)
+        self.bytes_to_guest = 0  # plain ints for the per-packet counts: cheaper than a Counter
+        self.bytes_from_guest = 0
 
     # ---- packets to the guest -------------------------------------------------------
 
@@ -201,10 +203,16 @@ class Muxer:
 
     def process_tx(self, tx: Virtqueue, mem: GuestMemory, budget: int = 256) -> None:
         """Handle up to ``budget`` packets the guest queued; pauses while control replies back up."""
+        tx.suppress_kicks(True)
         while budget > 0 and len(self.control) < MAX_CONTROL_BACKLOG:
             chain = tx.pop(mem)
             if chain is None:
-                break
+                # Idle: kicks back on, then one more look for a packet that raced it.
+                tx.suppress_kicks(False)
+                chain = tx.pop(mem)
+                if chain is None:
+                    break
+                tx.suppress_kicks(True)
             budget -= 1
             self._handle_tx_chain(chain)
             tx.push(chain.head, 0)  # TX buffers are only read: used length 0
@@ -268,7 +276,7 @@ class Muxer:
                 log.warning("guest overran its credit on %s; resetting", conn.key)
                 return self._close(conn, rst=True)
             conn.out += data[HDR_SIZE : HDR_SIZE + h.len]
-            self.stats["rx_from_guest"] += h.len
+            self.bytes_from_guest += h.len
             self._flush(conn)
         elif h.op == Op.CREDIT_UPDATE:
             conn.credit_requested = False
@@ -415,8 +423,9 @@ class Muxer:
 
     def _host_to_guest(self, conn: Conn, rx: Virtqueue, mem: GuestMemory, budget: int = 32) -> None:
         """Read from the socket straight into guest RX buffers, within the guest's credit."""
+        sock = conn.sock
         while budget > 0:
-            credit = conn.peer_credit()
+            credit = conn.peer_buf_alloc - ((conn.tx_cnt - conn.peer_fwd_cnt) & U32)
             if credit <= 0:
                 if not conn.credit_requested:
                     conn.credit_requested = True
@@ -432,7 +441,7 @@ class Muxer:
             budget -= 1
             cap = min(chain.writable_len - HDR_SIZE, credit, MAX_PKT_PAYLOAD)
             try:
-                n = self._recv_into_chain(conn.sock, chain, cap)
+                n = self._recv_into_chain(sock, chain, cap)
             except BlockingIOError:
                 rx.last_avail = (rx.last_avail - 1) & 0xFFFF  # give the buffer back unused
                 return
@@ -446,9 +455,17 @@ class Muxer:
                 self._flush(conn)  # may complete the close
                 return
             conn.tx_cnt = (conn.tx_cnt + n) & U32
-            chain.write(self._hdr(conn, Op.RW, length=n))
+            conn.fwd_cnt_told = conn.fwd_cnt
+            mm, off, length = chain.writable[0]
+            # The header after the payload landed, packed in place (the common single-buffer case).
+            hdr = (HOST_CID, self.guest_cid, conn.local_port, conn.peer_port, n, TYPE_STREAM, Op.RW, 0, BUF_ALLOC,
+                   conn.fwd_cnt & U32)  # fmt: skip
+            if length >= HDR_SIZE:
+                HDR.pack_into(mm, off, *hdr)
+            else:
+                chain.write(HDR.pack(*hdr))
             rx.push(chain.head, HDR_SIZE + n)
-            self.stats["tx_to_guest"] += n
+            self.bytes_to_guest += n
 
     @staticmethod
     def _recv_into_chain(sock: socket.socket, chain: Chain, cap: int) -> int:
