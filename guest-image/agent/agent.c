@@ -796,6 +796,16 @@ static void reap(void)
 
 /* ---- connecting ------------------------------------------------------------- */
 
+/* A vsock stream's buffer is 256 KiB by default, and a Linux receiver returns credit
+ * only after most of it is consumed: the sender then idles while the update travels.
+ * A larger buffer keeps the pipe full (the agent's own connection and the tools). */
+static void vsock_buffer(int fd)
+{
+	unsigned long long size = 4ull << 20;
+	setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, &size, sizeof size);
+	setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &size, sizeof size);
+}
+
 static int try_connect(void)
 {
 	int fd;
@@ -812,6 +822,8 @@ static int try_connect(void)
 	} else {
 		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cfg.cid, .svm_port = cfg.port };
 		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0)
+			vsock_buffer(fd);
 		if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
 			return fd;
 	}
@@ -987,6 +999,8 @@ static int vsock_listener(unsigned port)
 {
 	struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port };
 	int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd >= 0)
+		vsock_buffer(fd); /* inherited by accepted connections */
 	if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 64) < 0) {
 		say("listen on vsock port %u: %s", port, strerror(errno));
 		exit(1);
@@ -1003,6 +1017,8 @@ static int tool(const char *mode, const char *arg)
 			return usage();
 		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port };
 		int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0)
+			vsock_buffer(fd);
 		if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
 			say("connect to vsock %u:%u: %s", cid, port, strerror(errno));
 			return 1;
