@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +43,13 @@ class VsockVM:
 
 @contextmanager
 def vsock_vm(
-    image: GuestImage, host: HostReport, workdir: Path, *, memory_mib: int = 256, no_reboot: bool = True
+    image: GuestImage,
+    host: HostReport,
+    workdir: Path,
+    *,
+    memory_mib: int = 256,
+    no_reboot: bool = True,
+    extra: Sequence[str] = (),
 ) -> Iterator[VsockVM]:
     assert host.qemu is not None
     token = secrets.token_hex(16)
@@ -58,7 +64,7 @@ def vsock_vm(
             cmdline=[f"microvm.token={token}"],
             shared_memory=True,
             no_reboot=no_reboot,
-            extra=vsock.qemu_args(),
+            extra=[*vsock.qemu_args(), *extra],
         )
         with QemuProcess(argv, console, workdir / "qemu.stderr") as qemu:
             try:
