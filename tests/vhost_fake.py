@@ -272,11 +272,15 @@ class FakeQemu:
         while len(out) < want:
             if not self.wait_call(0, timeout):
                 break
-            for head, length in self.rx.take_used():
-                gpa, _len, _f, _n = struct.unpack("<QIHH", self.mem.read(self.rx.desc + 16 * head, 16))
+            used = self.rx.take_used()
+            for head, length in used:
+                gpa, size, _f, _n = struct.unpack("<QIHH", self.mem.read(self.rx.desc + 16 * head, 16))
                 data = self.mem.read(gpa, length)
                 h = Header(*HDR.unpack_from(data))
                 out.append(Packet(h, data[HDR_SIZE:length]))
+                self.rx.add([(gpa, size, True)])  # refill with the same buffer, as Linux does
+            if used:
+                os.eventfd_write(self.kick[0], 1)
         return out
 
 
