@@ -85,6 +85,15 @@ class FakeDriver:
         self.free = list(range(size))
         self.chains: dict[int, list[int]] = {}
 
+    def reset(self) -> None:
+        """What a driver reset does: rings emptied, indexes from 0, every descriptor free."""
+        self.mem.write(self.desc, b"\0" * (16 * self.size))
+        self.mem.write(self.avail, b"\0" * (6 + 2 * self.size))
+        self.mem.write(self.used, b"\0" * (6 + 8 * self.size))
+        self.avail_idx = self.used_seen = 0
+        self.free = list(range(self.size))
+        self.chains = {}
+
     def start_at(self, idx: int) -> None:
         """Begin both indexes at ``idx`` (to test u16 wraparound)."""
         self.avail_idx = self.used_seen = idx

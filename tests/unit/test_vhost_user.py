@@ -392,20 +392,56 @@ def assert_still_serving(q: FakeQemu) -> None:
     assert q.muxer.stats["internal_error"] == 0
 
 
+def _stop_rings(q: FakeQemu) -> list[int]:
+    """What QEMU does on pause or reset: disable, then GET_VRING_BASE each ring."""
+    for i in (0, 1):
+        q.send(m.Request.SET_VRING_ENABLE, struct.pack("<II", i, 0))
+    bases = []
+    for i in (0, 1):
+        q.send(m.Request.GET_VRING_BASE, struct.pack("<II", i, 0))
+        _req, flags, body = q.recv_reply()
+        assert flags == 0x5
+        bases.append(struct.unpack("<II", body)[1])
+    return bases
+
+
+def _restart_rings(q: FakeQemu, bases: list[int]) -> None:
+    for i, drv in ((0, q.rx), (1, q.tx)):
+        q.send(m.Request.SET_VRING_BASE, struct.pack("<II", i, bases[i]))
+        q.send(m.Request.SET_VRING_ADDR, drv.addr_payload(i))
+        q.send(m.Request.SET_VRING_KICK, struct.pack("<Q", i), [q.kick[i]])
+    for i in (0, 1):
+        q.send(m.Request.SET_VRING_ENABLE, struct.pack("<II", i, 1))
+
+
+def _one_connection(q: FakeQemu, port: int) -> socket.socket:
+    host = q.host_listener(port)
+    q.post_rx()
+    q.send_packet(q.hdr(Op.REQUEST, dst_port=port))
+    q.received()
+    conn, _ = host.accept()
+    q.host_sockets.append(conn)
+    conn.settimeout(5)
+    return conn
+
+
+def test_pause_and_resume_keep_connections(tmp_path: Path) -> None:
+    with fake_qemu(tmp_path) as q:
+        conn = _one_connection(q, 1026)
+        bases = _stop_rings(q)  # a paused VM
+        assert bases[1] > 0 and q.muxer.conns
+        _restart_rings(q, bases)  # resumed where it stopped
+        q.send_packet(q.hdr(Op.RW, dst_port=1026, length=5), b"still")
+        assert conn.recv(10) == b"still"
+
+
 def test_driver_reset_closes_every_connection(tmp_path: Path) -> None:
     with fake_qemu(tmp_path) as q:
-        host = q.host_listener(1026)
-        q.post_rx()
-        q.send_packet(q.hdr(Op.REQUEST, dst_port=1026))
-        q.received()
-        conn, _ = host.accept()
-        q.host_sockets.append(conn)
-        for i in (0, 1):
-            q.send(m.Request.SET_VRING_ENABLE, struct.pack("<II", i, 0))
-        for i in (0, 1):
-            q.send(m.Request.GET_VRING_BASE, struct.pack("<II", i, 0))
-            assert q.recv_reply()[1] == 0x5
-        conn.settimeout(5)
+        conn = _one_connection(q, 1026)
+        _stop_rings(q)
+        q.rx.reset()
+        q.tx.reset()
+        _restart_rings(q, [0, 0])  # the driver started over: rings from 0
         assert conn.recv(10) == b""  # the host side sees the connection end
         assert q.muxer.conns == {}
 

@@ -128,18 +128,27 @@ class Backend:
             self._vq(index).size = num
         elif r == m.Request.SET_VRING_BASE:
             index, num = msg.vring_state()
-            self._vq(index).last_avail = num & 0xFFFF
+            vq = self._vq(index)
+            if num == 0 and vq.last_avail != 0:
+                self._driver_reset(f"vring {index} restarts at 0 after {vq.last_avail}")
+            vq.last_avail = num & 0xFFFF
         elif r == m.Request.SET_VRING_ADDR:
             addr = m.parse_vring_addr(msg.payload)
             vq = self._vq(addr.index)
+            if vq.addr is not None and (vq.addr.desc, vq.addr.avail, vq.addr.used) != (
+                addr.desc,
+                addr.avail,
+                addr.used,
+            ):
+                self._driver_reset(f"vring {addr.index} moved")
             vq.addr = addr
             vq.map(self.mem)
         elif r == m.Request.GET_VRING_BASE:
             index, _ = msg.vring_state()
             vq = self._vq(index)
             vq.stop()
-            if not any(q.enabled or q.kick_fd >= 0 for q in self.vqs):
-                self.muxer.reset()  # the driver is gone: so is every connection
+            # Not a reason to drop connections: a paused VM stops its rings too, and
+            # resumes them where they were. A driver reset shows when they restart.
             return m.reply(r, struct.pack("<II", index, vq.last_avail))
         elif r == m.Request.SET_VRING_KICK:
             vq, fd = self._take_fd(msg)
@@ -170,6 +179,12 @@ class Backend:
             if msg.need_reply:
                 return m.reply_u64(r, 1)
         return None
+
+    def _driver_reset(self, why: str) -> None:
+        """The guest driver started over (reset, reboot): its connections are gone, so are ours."""
+        if self.muxer.conns or self.muxer.pending_hosts:
+            log.info("guest driver reset (%s): closing %d connections", why, len(self.muxer.conns))
+        self.muxer.reset()
 
     # ---- the loop -------------------------------------------------------------------
 
