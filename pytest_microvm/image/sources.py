@@ -8,6 +8,8 @@ a kernel file (bzImage, vmlinux ELF, or a kernel .deb) and a module tree.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
 import shutil
 import struct
@@ -153,15 +155,44 @@ def _from_deb(deb: Path, dest: Path, progress: Progress) -> None:
         _collect(kernels[0], moddirs[0] if moddirs else None, dest, release)
 
 
-def debian_kernel(cache: Path, progress: Progress, package: str = DEFAULT_KERNEL_PACKAGE) -> KernelFiles:
-    """Debian's kernel package, downloaded and unpacked into the cache once per version."""
-    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
-        raise ImageError("no apt-get/dpkg-deb on this host to fetch Debian's kernel: pass a kernel with --kernel PATH")
+APT_LISTS = Path("/var/lib/apt/lists")  # rewritten by `apt-get update`, and only then
+
+
+def _resolve_package(cache: Path, package: str) -> tuple[str, str]:
+    """(real package, version) of a kernel metapackage.
+
+    Asking apt-cache costs about two seconds, paid on every boot if done each time; the
+    answer only changes when `apt-get update` rewrites the package lists, so it is
+    remembered per stamp of those lists.
+    """
+    lists = sorted(APT_LISTS.glob("*Packages*"))
+    stamp = package + "".join(f"|{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in lists) if lists else None
+    memo = cache / "kernels" / "resolved.json"
+    if stamp is not None:
+        try:
+            known = json.loads(memo.read_text())
+            if known.get("stamp") == stamp:
+                return str(known["real"]), str(known["version"])
+        except (OSError, ValueError, KeyError):
+            pass
     # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
     deps = _run(["apt-cache", "depends", package], f"looking up {package}")
     m = re.search(r"Depends: (linux-image-\S+)", deps)
     real = m.group(1) if m else package
     version = _deb_version(real)
+    if stamp is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "real": real, "version": version}))
+        os.replace(tmp, memo)  # atomic: concurrent writers leave one whole file
+    return real, version
+
+
+def debian_kernel(cache: Path, progress: Progress, package: str = DEFAULT_KERNEL_PACKAGE) -> KernelFiles:
+    """Debian's kernel package, downloaded and unpacked into the cache once per version."""
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise ImageError("no apt-get/dpkg-deb on this host to fetch Debian's kernel: pass a kernel with --kernel PATH")
+    real, version = _resolve_package(cache, package)
     key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + "-" + _modules_key()
 
     def build(dest: Path) -> None:
