@@ -9,13 +9,16 @@ from pytest_microvm.errors import (
     BootError,
     CommandError,
     CommandTimeout,
+    ConfigError,
     ConnectionLost,
+    GuestError,
     HandshakeError,
     ImageError,
     MicroVMError,
     ProtocolError,
 )
 from pytest_microvm.image import GuestImage, build_agent, build_image
+from pytest_microvm.machine import MicroVM, Runstate, VMConfig, boot
 from pytest_microvm.result import CommandResult
 
 __version__ = "0.1.0"
@@ -27,14 +30,20 @@ __all__ = [
     "CommandError",
     "CommandResult",
     "CommandTimeout",
+    "ConfigError",
     "ConnectionLost",
+    "GuestError",
     "GuestImage",
     "HandshakeError",
     "ImageError",
+    "MicroVM",
     "MicroVMError",
     "Process",
     "ProtocolError",
+    "Runstate",
+    "VMConfig",
     "__version__",
+    "boot",
     "build_agent",
     "build_image",
 ]

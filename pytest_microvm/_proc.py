@@ -29,14 +29,20 @@ def spawn(
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
     pass_fds: Sequence[int] = (),
+    die_with_parent: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` (a list, never a shell string) so that it dies with this process."""
+    """Start ``argv`` (a list, never a shell string) so that it dies with this process.
+
+    ``die_with_parent=False`` only for processes the user asked to keep (debugging a
+    failed test's VM after pytest exits); they also get their own session.
+    """
     return subprocess.Popen(
         list(argv),
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent if die_with_parent else None,
+        start_new_session=not die_with_parent,
         close_fds=True,
         pass_fds=tuple(pass_fds),
     )

@@ -7,7 +7,9 @@
     ├── AgentError               the agent refused or could not start a job (an ERROR frame)
     ├── CommandError             ``check=True`` and the command did not exit 0
     ├── CommandTimeout           the host gave up waiting (also a ``TimeoutError``)
-    ├── BootError                the guest did not come up (carries console tail, QEMU stderr)
+    ├── GuestError               the guest or its QEMU died (carries console tail, QEMU stderr)
+    │   └── BootError            the guest did not become ready
+    ├── ConfigError              a setting this host cannot honour (e.g. forcing KVM without KVM)
     └── ImageError               the guest image could not be built
 
 Errors carry the data a user needs to act (the result, the errno, the frame) as
@@ -66,8 +68,12 @@ class ImageError(MicroVMError):
     """The guest image could not be built; the message says which step and why."""
 
 
-class BootError(MicroVMError):
-    """The guest did not become ready; the console tail and QEMU's stderr say why."""
+class ConfigError(MicroVMError):
+    """A configuration this host cannot run; the message says what to change."""
+
+
+class GuestError(MicroVMError):
+    """The guest died or misbehaved (kernel panic, QEMU exit); the console tail says why."""
 
     def __init__(self, message: str, *, console_tail: str = "", qemu_stderr: str = "") -> None:
         parts = [message]
@@ -78,3 +84,7 @@ class BootError(MicroVMError):
         super().__init__("\n".join(parts))
         self.console_tail = console_tail
         self.qemu_stderr = qemu_stderr
+
+
+class BootError(GuestError):
+    """The guest did not become ready; the console tail and QEMU's stderr say why."""

@@ -26,8 +26,9 @@ class BackendError(MicroVMError):
 class UserspaceVsock:
     """Starts and stops the vhost-user-vsock backend for one guest."""
 
-    def __init__(self, workdir: Path, guest_cid: int) -> None:
+    def __init__(self, workdir: Path, guest_cid: int, *, die_with_parent: bool = True) -> None:
         self.workdir = workdir
+        self.die_with_parent = die_with_parent
         self.guest_cid = guest_cid
         self.control_path = workdir / "vhost-user-vsock.sock"
         self.uds_path = workdir / "vsock"
@@ -44,7 +45,9 @@ class UserspaceVsock:
             argv = [sys.executable, "-m", "pytest_microvm.channel.vhost_user", "--socket-fd", str(control.fileno())]
             argv += ["--uds", str(self.uds_path), "--guest-cid", str(self.guest_cid)]
             with self.stderr_path.open("wb") as err:
-                self._proc = _proc.spawn(argv, stderr=err, pass_fds=[control.fileno()])
+                self._proc = _proc.spawn(
+                    argv, stderr=err, pass_fds=[control.fileno()], die_with_parent=self.die_with_parent
+                )
         finally:
             control.close()
         deadline = time.monotonic() + 10

@@ -2,9 +2,24 @@
 
 - :mod:`.host`: detection, with a reason for every decision.
 - :mod:`.qemu`: the QEMU command line and process (console capture, bounded stop).
+- :mod:`.qmp`: QMP through qemu.qmp (status, pause/resume, quit).
+- :mod:`.allocation`: guest CIDs and host ports for the kernel vhost-vsock path.
+- :mod:`.vm`: MicroVM, the lifecycle that ties them together.
 """
 
-from pytest_microvm.machine.host import HostReport, detect_host
+from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import QemuProcess, qemu_argv
+from pytest_microvm.machine.vm import MicroVM, Runstate, VMConfig, boot
 
-__all__ = ["HostReport", "QemuProcess", "detect_host", "qemu_argv"]
+__all__ = [
+    "Choice",
+    "HostReport",
+    "MicroVM",
+    "QemuProcess",
+    "Runstate",
+    "VMConfig",
+    "boot",
+    "choose",
+    "detect_host",
+    "qemu_argv",
+]

@@ -79,3 +79,39 @@ def detect_host(root: Path = Path("/")) -> HostReport:
         qemu=qemu,
         qemu_version=qemu_version(qemu) if qemu else None,
     )
+
+
+ACCELS = ("auto", "kvm", "tcg")
+VSOCKS = ("auto", "kernel", "userspace")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a VM will use on this host, and why (for the pytest header and `doctor`)."""
+
+    accel: str
+    vsock: str
+    why: str
+
+
+def choose(report: HostReport, accel: str = "auto", vsock: str = "auto") -> Choice:
+    """Pick the accelerator and vsock flavour; forcing what the host cannot do is a ConfigError."""
+    from pytest_microvm.errors import ConfigError
+
+    if accel not in ACCELS:
+        raise ConfigError(f"accel must be one of {', '.join(ACCELS)}, not {accel!r}")
+    if vsock not in VSOCKS:
+        raise ConfigError(f"vsock must be one of {', '.join(VSOCKS)}, not {vsock!r}")
+    if accel == "kvm" and not report.kvm.usable:
+        raise ConfigError(f"accel=kvm was forced, but {report.kvm.reason}; use accel=tcg or auto")
+    if vsock == "kernel" and not report.vhost_vsock.usable:
+        raise ConfigError(f"vsock=kernel was forced, but {report.vhost_vsock.reason}; use vsock=userspace or auto")
+    chosen_accel = accel if accel != "auto" else report.accel
+    if vsock != "auto":
+        chosen_vsock = vsock
+    else:
+        # Kernel vhost needs KVM's ioeventfd/irqfd to be the fast path; under TCG the
+        # userspace backend is the one this project tests every day.
+        chosen_vsock = "kernel" if report.vhost_vsock.usable and chosen_accel == "kvm" else "userspace"
+    why = f"accel={chosen_accel} ({report.kvm.reason}); vsock={chosen_vsock} ({report.vhost_vsock.reason})"
+    return Choice(chosen_accel, chosen_vsock, why)

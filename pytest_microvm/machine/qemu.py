@@ -76,8 +76,9 @@ def qemu_argv(
 class QemuProcess:
     """One QEMU process, its console file and its stderr; stopped on exit from ``with``."""
 
-    def __init__(self, argv: Sequence[str], console: Path, stderr: Path) -> None:
+    def __init__(self, argv: Sequence[str], console: Path, stderr: Path, *, die_with_parent: bool = True) -> None:
         self.argv = list(argv)
+        self.die_with_parent = die_with_parent
         self.console_path = console
         self.stderr_path = stderr
         self._proc: subprocess.Popen[bytes] | None = None
@@ -89,7 +90,9 @@ class QemuProcess:
     def start(self) -> None:
         self.console_path.touch()
         with self.stderr_path.open("wb") as err:
-            self._proc = _proc.spawn(self.argv, stdout=subprocess.DEVNULL, stderr=err)
+            self._proc = _proc.spawn(
+                self.argv, stdout=subprocess.DEVNULL, stderr=err, die_with_parent=self.die_with_parent
+            )
 
     def returncode(self) -> int | None:
         return self._proc.poll() if self._proc else None

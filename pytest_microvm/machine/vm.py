@@ -1,0 +1,423 @@
+"""MicroVM: one throw-away guest, from QEMU launch to a probed agent and back to nothing.
+
+Owns the VM's lifecycle: a private work directory, the vsock channel (kernel vhost or
+the userspace backend), QEMU with its console and QMP, the agent connection, and the
+bounded shutdown. Every exit path — success, failure, Ctrl-C, timeout, guest panic —
+goes through :meth:`MicroVM.stop`, which leaves no process, socket or directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from tenacity import retry, retry_if_exception, stop_after_attempt
+
+from pytest_microvm.channel.kernel import DEFAULT_PORT, KernelVsockListener
+from pytest_microvm.channel.unix import UnixListener
+from pytest_microvm.channel.userspace import UserspaceVsock
+from pytest_microvm.client import AgentClient, Command, Process
+from pytest_microvm.errors import (
+    BootError,
+    CommandTimeout,
+    ConfigError,
+    ConnectionLost,
+    GuestError,
+    MicroVMError,
+)
+from pytest_microvm.image import GuestImage, build_image
+from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
+from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
+from pytest_microvm.machine.qemu import CONSOLE_TAIL, QemuProcess, qemu_argv
+from pytest_microvm.machine.qmp import Monitor
+from pytest_microvm.result import CommandResult
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+QemuArgsHook = Callable[["VMConfig", list[str]], list[str]]
+
+
+class Runstate(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    """How to boot one VM. Every field has a default that works on any Linux host."""
+
+    memory_mib: int = 256
+    vcpus: int = 1
+    accel: str = "auto"  # auto | kvm | tcg
+    vsock: str = "auto"  # auto | kernel | userspace
+    kernel_cmdline: tuple[str, ...] = ()
+    qemu_args: tuple[str, ...] = ()
+    boot_timeout: float = 120.0  # generous: TCG guests on a loaded 2-core CI runner
+    image: GuestImage | None = None  # default: build (or find in the cache) the default image
+    port: int = DEFAULT_PORT  # vsock port the agent connects to
+    keep: bool = False  # leave the VM running at stop() (debugging); it then survives this process
+    workdir: Path | None = None  # where the per-VM directory goes (default: the system temp dir)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
+
+    def __post_init__(self) -> None:
+        if self.memory_mib < 64:
+            raise ConfigError(f"memory_mib={self.memory_mib}: the guest needs at least 64 MiB")
+        if not 1 <= self.vcpus <= 64:
+            raise ConfigError(f"vcpus={self.vcpus}: between 1 and 64")
+        if self.boot_timeout <= 0:
+            raise ConfigError(f"boot_timeout={self.boot_timeout}: must be positive")
+        if not 1 <= self.port < 0xFFFFFFFF:
+            raise ConfigError(f"port={self.port}: not a vsock port")
+
+    def with_(self, **changes: Any) -> VMConfig:
+        """A copy with some fields changed (the marker and hooks use this)."""
+        return replace(self, **changes)
+
+
+_GUEST_CID = 3  # with the userspace backend every VM has its own CID space
+
+
+class MicroVM:
+    """A QEMU guest with the agent inside; use as a context manager.
+
+    >>> with MicroVM(VMConfig(memory_mib=256)) as vm:
+    ...     vm.run(["uname", "-r"]).stdout
+    """
+
+    def __init__(
+        self,
+        config: VMConfig | None = None,
+        *,
+        host: HostReport | None = None,
+        qemu_args_hook: QemuArgsHook | None = None,
+        name: str = "vm",
+    ) -> None:
+        self.config = config or VMConfig()
+        self.name = name
+        self.log = log.getChild(name)
+        self._host = host
+        self._qemu_args_hook = qemu_args_hook
+        self.runstate = Runstate.CREATED
+        self.choice: Choice | None = None
+        self.workdir: Path | None = None
+        self.token = secrets.token_hex(16)
+        self.ready_seconds: float | None = None
+        self.qemu: QemuProcess | None = None
+        self.monitor: Monitor | None = None
+        self.vsock: UserspaceVsock | None = None
+        self._listener: UnixListener | KernelVsockListener | None = None
+        self._cid_claim: Claim | None = None
+        self._client: AgentClient | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> MicroVM:
+        """Boot and wait until the probe passes; on any failure, clean up and raise."""
+        if self.runstate is not Runstate.CREATED:
+            raise MicroVMError(f"{self.name}: start() in state {self.runstate.value}; a MicroVM boots once")
+        self.runstate = Runstate.STARTING
+        started = time.monotonic()
+        try:
+            self._boot(started)
+        except BaseException:
+            # Ctrl-C and SystemExit pass through untouched, but never leave a VM behind.
+            self.stop(graceful=False)
+            raise
+        self.ready_seconds = time.monotonic() - started
+        self.runstate = Runstate.RUNNING
+        self.log.info("ready in %.2fs (%s)", self.ready_seconds, self.choice.why if self.choice else "")
+        return self
+
+    def _boot(self, started: float) -> None:
+        cfg = self.config
+        host = self._host or detect_host()
+        if host.qemu is None:
+            raise ConfigError("qemu-system-x86_64 is not installed (Debian/Ubuntu: apt-get install qemu-system-x86)")
+        self.choice = choose(host, cfg.accel, cfg.vsock)
+        if self.choice.accel == "tcg" and cfg.accel == "auto":
+            self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
+        image = cfg.image or build_image()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
+        self.monitor = Monitor(self.workdir / "qmp.sock")
+        port = cfg.port
+        if self.choice.vsock == "userspace":
+            self.vsock = UserspaceVsock(self.workdir, _GUEST_CID, die_with_parent=not cfg.keep)
+            self.vsock.start()
+            self._listener = self.vsock.listen(port)
+            channel_args = self.vsock.qemu_args()
+        else:
+            self._cid_claim = claim_random("cid", FIRST_CID, LAST_CID)
+            listener = KernelVsockListener.bind_free(self._cid_claim.value, port)
+            self._listener, port = listener, listener.port
+            channel_args = ["-device", f"vhost-vsock-pci,guest-cid={self._cid_claim.value}"]
+        assert host.qemu is not None
+        console = self.workdir / "console.log"
+        argv = qemu_argv(
+            image,
+            qemu=host.qemu,
+            accel=self.choice.accel,
+            console=console,
+            memory_mib=cfg.memory_mib,
+            vcpus=cfg.vcpus,
+            cmdline=[f"microvm.token={self.token}", f"microvm.port={port}", *cfg.kernel_cmdline],
+            shared_memory=self.choice.vsock == "userspace",
+            extra=[*channel_args, *self.monitor.qemu_args(), *cfg.qemu_args],
+        )
+        if self._qemu_args_hook is not None:
+            argv = self._qemu_args_hook(cfg, argv)
+        self.qemu = QemuProcess(argv, console, self.workdir / "qemu.stderr", die_with_parent=not cfg.keep)
+        self.qemu.start()
+        deadline = started + cfg.boot_timeout
+        self.monitor.accept(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+        self._client = self._await_agent(deadline)
+        try:
+            self._client.probe(timeout=max(1.0, deadline - time.monotonic()))
+        except MicroVMError as exc:
+            raise self._failure(f"the probe failed: {exc}", BootError) from exc
+        self._write_state(port)
+
+    def _await_agent(self, deadline: float) -> AgentClient:
+        """Accept the agent's connection, watching QEMU, the console and the backend meanwhile."""
+        assert self._listener is not None and self.qemu is not None
+        while True:
+            self._raise_if_dead(BootError)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._failure(f"the agent did not connect within {self.config.boot_timeout:.0f}s", BootError)
+            try:
+                sock = self._listener.accept(min(0.2, remaining))
+            except CommandTimeout:
+                continue
+            try:
+                return AgentClient.handshake(
+                    sock, token=self.token, timeout=max(0.5, deadline - time.monotonic()), name=self.name
+                )
+            except MicroVMError as exc:
+                # A peer with the wrong token is not our guest: keep waiting for ours.
+                self.log.warning("rejected an agent connection: %s", exc)
+
+    def _raise_if_dead(self, kind: type[GuestError]) -> None:
+        assert self.qemu is not None
+        console = self.qemu.console()
+        if "Kernel panic" in console:
+            raise self._failure("the guest kernel panicked", kind)
+        code = self.qemu.returncode()
+        if code is not None:
+            raise self._failure(f"QEMU exited with status {code}", kind)
+        if self.vsock is not None:
+            try:
+                self.vsock.check_alive()
+            except MicroVMError as exc:
+                raise self._failure(str(exc), kind) from exc
+
+    def _failure(self, message: str, kind: type[GuestError] = GuestError) -> GuestError:
+        console = self.qemu.console()[-CONSOLE_TAIL:] if self.qemu else ""
+        stderr = self.qemu.stderr()[-CONSOLE_TAIL:] if self.qemu else ""
+        return kind(f"{self.name}: {message}", console_tail=console, qemu_stderr=stderr)
+
+    def _write_state(self, port: int) -> None:
+        """What a later `microvm attach` needs to reach a kept VM."""
+        assert self.workdir is not None and self.qemu is not None
+        state = {
+            "name": self.name,
+            "qemu_pid": self.qemu.pid,
+            "backend_pid": self.vsock.pid if self.vsock else None,
+            "token": self.token,
+            "vsock": self.choice.vsock if self.choice else None,
+            "agent_socket": str(self._listener.path) if isinstance(self._listener, UnixListener) else None,
+            "agent_port": port,
+            "guest_cid": self._cid_claim.value if self._cid_claim else _GUEST_CID,
+            "qmp": str(self.monitor.path) if self.monitor else None,
+            "console": str(self.qemu.console_path),
+        }
+        (self.workdir / "vm.json").write_text(json.dumps(state, indent=2) + "\n")
+
+    def stop(self, *, graceful: bool = True, timeout: float = 10.0) -> None:
+        """Power off (agent, then QMP quit, then SIGTERM, then SIGKILL), bounded in time,
+        and remove everything the VM made — unless ``config.keep`` asks to leave it up."""
+        if self.runstate in (Runstate.STOPPED, Runstate.STOPPING):
+            return
+        if self.config.keep and self.runstate in (Runstate.RUNNING, Runstate.PAUSED):
+            self.log.warning("keeping %s running: %s", self.name, self.workdir)
+            if self._client is not None:
+                self._client.close()
+            self.runstate = Runstate.STOPPED
+            return
+        self.runstate = Runstate.STOPPING
+        deadline = time.monotonic() + timeout
+        try:
+            if self.qemu is not None and self.qemu.returncode() is None and graceful:
+                self._graceful_poweroff(deadline)
+        finally:
+            if self._client is not None:
+                self._client.close()
+            if self.qemu is not None:
+                self.qemu.stop(grace=max(0.5, min(3.0, deadline - time.monotonic())))
+            if self.monitor is not None:
+                self.monitor.close()
+            if self.vsock is not None:
+                self.vsock.stop()
+            if self._listener is not None:
+                self._listener.close()
+            if self._cid_claim is not None:
+                self._cid_claim.release()
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            self.runstate = Runstate.STOPPED
+
+    def _graceful_poweroff(self, deadline: float) -> None:
+        assert self.qemu is not None
+        with contextlib.suppress(MicroVMError):
+            if self.runstate is Runstate.PAUSED and self.monitor is not None:
+                self.monitor.resume()
+            if self._client is not None and self._client.connected:
+                self._client.poweroff(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+        if self._wait_exit(min(deadline, time.monotonic() + 5.0)):
+            return
+        with contextlib.suppress(MicroVMError):
+            if self.monitor is not None:
+                self.monitor.quit()
+        self._wait_exit(min(deadline, time.monotonic() + 2.0))
+
+    def _wait_exit(self, until: float) -> bool:
+        assert self.qemu is not None
+        while self.qemu.returncode() is None:
+            if time.monotonic() > until:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def __enter__(self) -> MicroVM:
+        if self.runstate is Runstate.CREATED:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop(graceful=exc_type is None or not issubclass(exc_type, KeyboardInterrupt))
+
+    # ---- using the guest --------------------------------------------------------------
+
+    @property
+    def client(self) -> AgentClient:
+        if self.runstate not in (Runstate.RUNNING, Runstate.PAUSED) or self._client is None:
+            raise MicroVMError(f"{self.name} is {self.runstate.value}, not running")
+        return self._client
+
+    def _guard(self, call: Callable[[], T]) -> T:
+        """Run a client call; if the connection died, say why the guest died."""
+        try:
+            return call()
+        except ConnectionLost as exc:
+            time.sleep(0.2)  # let QEMU finish dying, so the diagnosis sees it
+            self._raise_if_dead(GuestError)
+            raise self._failure(f"lost the agent connection: {exc}") from exc
+
+    def run(
+        self,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+    ) -> CommandResult:
+        """Run a command in the guest (argv list, or a string for /bin/sh -c); see AgentClient.run."""
+        return self._guard(lambda: self.client.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, check=check))
+
+    def start_process(
+        self,
+        cmd: Command,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> Process:
+        """Start a command and stream it (write stdin, read output as it comes, kill, wait)."""
+        return self._guard(lambda: self.client.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout))
+
+    def put_file(self, local: str | os.PathLike[str], remote: str, *, mode: int | None = None) -> None:
+        self._guard(lambda: self.client.put_file(local, remote, mode=mode))
+
+    def get_file(self, remote: str, local: str | os.PathLike[str]) -> int:
+        return self._guard(lambda: self.client.get_file(remote, local))
+
+    def read_file(self, remote: str) -> bytes:
+        return self._guard(lambda: self.client.read_file(remote))
+
+    def write_file(self, remote: str, data: bytes, *, mode: int = 0o644) -> None:
+        self._guard(lambda: self.client.write_file(remote, data, mode=mode))
+
+    def console(self) -> str:
+        """Everything the guest printed on its serial console so far."""
+        return self.qemu.console() if self.qemu else ""
+
+    def status(self) -> str:
+        """QEMU's run state through QMP ('running', 'paused', …)."""
+        if self.monitor is None:
+            raise MicroVMError(f"{self.name} has no monitor ({self.runstate.value})")
+        return self.monitor.status()
+
+    def pause(self) -> None:
+        if self.runstate is not Runstate.RUNNING or self.monitor is None:
+            raise MicroVMError(f"{self.name}: pause() while {self.runstate.value}")
+        self.monitor.pause()
+        self.runstate = Runstate.PAUSED
+
+    def resume(self) -> None:
+        if self.runstate is not Runstate.PAUSED or self.monitor is None:
+            raise MicroVMError(f"{self.name}: resume() while {self.runstate.value}")
+        self.monitor.resume()
+        self.runstate = Runstate.RUNNING
+
+    @property
+    def pids(self) -> list[int]:
+        """Host processes of this VM (QEMU and, with the userspace vsock, the backend)."""
+        return [p for p in (self.qemu.pid if self.qemu else None, self.vsock.pid if self.vsock else None) if p]
+
+    def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A stream connection to a guest vsock port (userspace flavour: CONNECT through the backend)."""
+        if self.vsock is None:
+            raise MicroVMError("connect() to guest ports needs the userspace vsock flavour here")
+        return self.vsock.connect(port, timeout)
+
+    def listen(self, port: int) -> UnixListener:
+        """Where guest connections to CID 2 port ``port`` arrive (userspace flavour)."""
+        if self.vsock is None:
+            raise MicroVMError("listen() needs the userspace vsock flavour here")
+        return self.vsock.listen(port)
+
+
+def _cid_in_use(exc: BaseException) -> bool:
+    return isinstance(exc, BootError) and "guest cid: Address already in use" in exc.qemu_stderr
+
+
+def boot(config: VMConfig | None = None, **kwargs: Any) -> MicroVM:
+    """Start a MicroVM; with kernel vhost-vsock, retry with a new guest CID when the kernel
+    says the CID is taken (by a program that is not ours, so our lock files cannot know)."""
+
+    @retry(retry=retry_if_exception(_cid_in_use), stop=stop_after_attempt(5), reraise=True)
+    def attempt() -> MicroVM:
+        return MicroVM(config, **kwargs).start()
+
+    return attempt()
