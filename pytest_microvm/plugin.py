@@ -1,75 +1,252 @@
-"""The pytest plugin (entry point ``pytest11: microvm``): options, header, fixtures.
+"""The pytest plugin (entry point ``pytest11: microvm``): options, marker, hooks, fixtures.
 
-What a suite gets today: the pytest header says which accelerator this host gives
-guests and why, and the session fixture ``microvm_image`` builds (or finds in the
-cache) the guest image once, safely across xdist workers (the builder locks).
+Fixtures, smallest first — override the small ones in a conftest.py:
+
+- ``microvm_image`` (session): the built guest image (cached; locked across xdist workers)
+- ``microvm_config`` (function): the :class:`VMConfig` from options, ini keys, the
+  ``microvm`` marker and the ``pytest_microvm_config`` hook
+- ``microvm`` (function): one booted VM, torn down after the test
+- ``microvm_factory`` (function): boots as many VMs as a test asks for; all torn down
+
+On a failed test each VM's console tail is attached to the report; with
+``--microvm-keep-on-failure`` the VM stays up and the report says how to reach it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
 
 import pytest
 
+from pytest_microvm import hookspecs
+from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.machine import detect_host
+from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
+
+_VMS = pytest.StashKey[list[MicroVM]]()
+_CALL_FAILED = pytest.StashKey[bool]()
+CONSOLE_IN_REPORT = 3000
+
+_OPTIONS: list[tuple[str, str, str | None, str]] = [
+    # (name, dest type, default, help)
+    ("accel", "str", "auto", "auto | kvm | tcg: how guests run (auto: kvm when usable, else tcg, with a warning)"),
+    ("vsock", "str", "auto", "auto | kernel | userspace: the vsock device's backend"),
+    ("kernel", "path", None, "guest kernel: bzImage, vmlinux or .deb (default: Debian's linux-image-amd64)"),
+    ("modules", "path", None, "lib/modules/<release> tree for --microvm-kernel"),
+    ("memory", "int", "256", "guest memory in MiB"),
+    ("vcpus", "int", "1", "guest vCPUs (under TCG one is fastest)"),
+    ("boot-timeout", "float", "120", "seconds a guest may take to become ready"),
+    ("cache-dir", "path", None, "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)"),
+]
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("microvm", "QEMU microVMs (pytest-microvm)")
+    for name, _kind, default, text in _OPTIONS:
+        ini = "microvm_" + name.replace("-", "_")
+        group.addoption(f"--microvm-{name}", dest=ini, default=None, help=f"{text}. Ini: {ini}")
+        parser.addini(ini, text, default=default)
     group.addoption(
-        "--microvm-kernel",
-        dest="microvm_kernel",
+        "--microvm-keep-on-failure",
+        dest="microvm_keep_on_failure",
+        action="store_true",
         default=None,
-        help="guest kernel: bzImage, vmlinux or .deb (default: Debian's linux-image-amd64). Ini: microvm_kernel",
+        help="leave the VM of a failed test running and say in the report how to reach it. "
+        "Ini: microvm_keep_on_failure",
     )
-    group.addoption(
-        "--microvm-modules",
-        dest="microvm_modules",
-        default=None,
-        help="lib/modules/<release> tree for --microvm-kernel. Ini: microvm_modules",
-    )
-    group.addoption(
-        "--microvm-cache-dir",
-        dest="microvm_cache_dir",
-        default=None,
-        help="where images are built and cached (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm). "
-        "Ini: microvm_cache_dir",
-    )
-    for name, text in (
-        ("microvm_kernel", "default for --microvm-kernel"),
-        ("microvm_modules", "default for --microvm-modules"),
-        ("microvm_cache_dir", "default for --microvm-cache-dir"),
-    ):
-        parser.addini(name, text, default=None)
+    parser.addini("microvm_keep_on_failure", "keep VMs of failed tests running", type="bool", default=False)
 
 
-def _setting(config: pytest.Config, name: str) -> str | None:
-    value = config.getoption(name) or config.getini(name)
-    if value and name in ("microvm_kernel", "microvm_modules") and not os.path.exists(str(value)):
-        raise pytest.UsageError(f"--{name.replace('_', '-')}: {value} does not exist")
-    return str(value) if value else None
+def _setting(config: pytest.Config, name: str) -> Any:
+    """Command line over ini, converted and validated; errors are UsageErrors a user can act on."""
+    ini = "microvm_" + name.replace("-", "_")
+    value = config.getoption(ini)
+    if value is None:
+        value = config.getini(ini)
+    kind = next(k for n, k, _d, _t in _OPTIONS if n == name)
+    if value in (None, ""):
+        return None
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except ValueError:
+        raise pytest.UsageError(f"--microvm-{name}: {value!r} is not a number") from None
+    if kind == "path" and not os.path.exists(str(value)):
+        raise pytest.UsageError(f"--microvm-{name}: {value} does not exist")
+    return str(value)
+
+
+def _keep_on_failure(config: pytest.Config) -> bool:
+    opt = config.getoption("microvm_keep_on_failure")
+    return bool(config.getini("microvm_keep_on_failure") if opt is None else opt)
+
+
+def _base_config(config: pytest.Config) -> VMConfig:
+    try:
+        return VMConfig(
+            memory_mib=_setting(config, "memory"),
+            vcpus=_setting(config, "vcpus"),
+            accel=_setting(config, "accel"),
+            vsock=_setting(config, "vsock"),
+            boot_timeout=_setting(config, "boot-timeout"),
+            keep=_keep_on_failure(config),
+        )
+    except ConfigError as exc:
+        raise pytest.UsageError(f"microvm: {exc}") from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    for name in ("microvm_kernel", "microvm_modules"):
+    config.addinivalue_line(
+        "markers",
+        "microvm(**config): configure the `microvm` fixture for this test with VMConfig fields, "
+        "e.g. @pytest.mark.microvm(memory_mib=512, vcpus=2, kernel_cmdline=('quiet',))",
+    )
+    for name, *_ in _OPTIONS:
         _setting(config, name)
+    base = _base_config(config)
+    if base.accel not in ("auto", "kvm", "tcg"):
+        raise pytest.UsageError(f"--microvm-accel: {base.accel!r}; use auto, kvm or tcg")
+    if base.vsock not in ("auto", "kernel", "userspace"):
+        raise pytest.UsageError(f"--microvm-vsock: {base.vsock!r}; use auto, kernel or userspace")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     host = detect_host()
-    qemu = f"QEMU {host.qemu_version}" if host.qemu else "QEMU not found (apt-get install qemu-system-x86)"
-    line = f"microvm: accel={host.accel} ({host.kvm.reason}); {qemu}"
-    if host.accel == "tcg":
-        line += " -- WARNING: guests run under TCG emulation, several times slower than KVM"
-    return [line]
+    base = _base_config(config)
+    if host.qemu is None:
+        return ["microvm: QEMU not found (apt-get install qemu-system-x86): VM tests will fail"]
+    try:
+        choice = choose(host, base.accel, base.vsock)
+    except ConfigError as exc:
+        return [f"microvm: {exc}"]
+    lines = [f"microvm: QEMU {host.qemu_version}; {choice.why}"]
+    if choice.accel == "tcg":
+        lines.append("microvm: WARNING: no usable KVM -- guests run under TCG emulation, several times slower")
+    return lines
+
+
+# ---- fixtures -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def microvm_image(pytestconfig: pytest.Config) -> GuestImage:
     """The guest image, built once per session (cached across sessions, locked across workers)."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(message: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"microvm image: {message}")
+
     return build_image(
-        kernel=_setting(pytestconfig, "microvm_kernel"),
-        modules=_setting(pytestconfig, "microvm_modules"),
-        cache=_setting(pytestconfig, "microvm_cache_dir"),
+        kernel=_setting(pytestconfig, "kernel"),
+        modules=_setting(pytestconfig, "modules"),
+        cache=_setting(pytestconfig, "cache-dir"),
+        progress=progress,
     )
+
+
+@pytest.fixture
+def microvm_config(request: pytest.FixtureRequest, microvm_image: GuestImage) -> VMConfig:
+    """The VM configuration for this test: options and ini keys, then the marker, then hooks."""
+    cfg = _base_config(request.config).with_(image=microvm_image)
+    marker = request.node.get_closest_marker("microvm")
+    if marker is not None:
+        if marker.args:
+            raise pytest.UsageError("@pytest.mark.microvm takes keyword arguments only (VMConfig fields)")
+        fields = {f.name for f in dataclasses.fields(VMConfig)}
+        unknown = set(marker.kwargs) - fields
+        if unknown:
+            raise pytest.UsageError(
+                f"@pytest.mark.microvm: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}"
+            )
+        try:
+            cfg = cfg.with_(**marker.kwargs)
+        except ConfigError as exc:
+            raise pytest.UsageError(f"@pytest.mark.microvm: {exc}") from None
+    hooked = request.config.hook.pytest_microvm_config(config=cfg, request=request)
+    return hooked if hooked is not None else cfg
+
+
+def _boot(request: pytest.FixtureRequest, cfg: VMConfig, name: str) -> MicroVM:
+    hook = request.config.hook
+
+    def qemu_args(config: VMConfig, argv: list[str]) -> list[str]:
+        changed = hook.pytest_microvm_qemu_args(config=config, argv=list(argv))
+        return list(changed) if changed is not None else argv
+
+    vm = MicroVM(cfg, qemu_args_hook=qemu_args, name=name)
+    request.node.stash.setdefault(_VMS, []).append(vm)
+    vm.start()
+    hook.pytest_microvm_ready(vm=vm)
+    return vm
+
+
+def _teardown(request: pytest.FixtureRequest, vm: MicroVM) -> None:
+    failed = request.node.stash.get(_CALL_FAILED, False)
+    vm.stop(keep=failed and vm.config.keep)
+
+
+@pytest.fixture
+def microvm(request: pytest.FixtureRequest, microvm_config: VMConfig) -> Iterator[MicroVM]:
+    """A booted VM for this test (configured by ``microvm_config``); stopped afterwards."""
+    vm = _boot(request, microvm_config, "vm")
+    try:
+        yield vm
+    finally:
+        _teardown(request, vm)
+
+
+@pytest.fixture
+def microvm_factory(request: pytest.FixtureRequest, microvm_config: VMConfig) -> Iterator[Callable[..., MicroVM]]:
+    """Boot VMs on demand: ``microvm_factory(memory_mib=512)``; all stopped after the test."""
+    vms: list[MicroVM] = []
+
+    def make(**overrides: Any) -> MicroVM:
+        vm = _boot(request, microvm_config.with_(**overrides), f"vm{len(vms)}")
+        vms.append(vm)
+        return vm
+
+    try:
+        yield make
+    finally:
+        for vm in vms:
+            _teardown(request, vm)
+
+
+# ---- reports --------------------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    vms = item.stash.get(_VMS, [])
+    if not vms or not report.failed:
+        return report
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = True
+    for vm in vms:
+        console = vm.console()
+        if console:
+            report.sections.append((f"microvm {vm.name} console (tail)", console[-CONSOLE_IN_REPORT:]))
+        if vm.config.keep and report.when == "call" and vm.workdir is not None:
+            report.sections.append(
+                (
+                    f"microvm {vm.name} kept running",
+                    f"state: {vm.workdir / 'vm.json'} (token, sockets, pids)\n"
+                    f"console: {vm.workdir / 'console.log'}\nQMP: {vm.workdir / 'qmp.sock'}\n"
+                    f"agent: it reconnects to {vm.workdir / 'vsock'}_<agent_port> with the token in vm.json\n"
+                    f"stop it: kill {' '.join(str(p) for p in vm.pids)}; rm -r {vm.workdir}",
+                )
+            )
+    return report

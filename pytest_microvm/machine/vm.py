@@ -72,7 +72,7 @@ class VMConfig:
     boot_timeout: float = 120.0  # generous: TCG guests on a loaded 2-core CI runner
     image: GuestImage | None = None  # default: build (or find in the cache) the default image
     port: int = DEFAULT_PORT  # vsock port the agent connects to
-    keep: bool = False  # leave the VM running at stop() (debugging); it then survives this process
+    keep: bool = False  # boot detached so it can outlive this process, and leave it running at stop()
     workdir: Path | None = None  # where the per-VM directory goes (default: the system temp dir)
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
 
@@ -249,12 +249,17 @@ class MicroVM:
         }
         (self.workdir / "vm.json").write_text(json.dumps(state, indent=2) + "\n")
 
-    def stop(self, *, graceful: bool = True, timeout: float = 10.0) -> None:
+    def stop(self, *, graceful: bool = True, timeout: float = 10.0, keep: bool | None = None) -> None:
         """Power off (agent, then QMP quit, then SIGTERM, then SIGKILL), bounded in time,
-        and remove everything the VM made — unless ``config.keep`` asks to leave it up."""
+        and remove everything the VM made.
+
+        ``keep=True`` (default: ``config.keep``) leaves a running VM up for debugging; it
+        can outlive this process only if it was booted with ``config.keep`` set.
+        """
         if self.runstate in (Runstate.STOPPED, Runstate.STOPPING):
             return
-        if self.config.keep and self.runstate in (Runstate.RUNNING, Runstate.PAUSED):
+        keep = self.config.keep if keep is None else keep
+        if keep and self.runstate in (Runstate.RUNNING, Runstate.PAUSED):
             self.log.warning("keeping %s running: %s", self.name, self.workdir)
             if self._client is not None:
                 self._client.close()

@@ -8,7 +8,7 @@ import pytest
 def test_header_names_the_accelerator_and_why(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest("--strict-markers")
-    result.stdout.fnmatch_lines(["microvm: accel=* (*); QEMU *"])
+    result.stdout.fnmatch_lines(["microvm: QEMU *; accel=* (*); vsock=* (*)"])
     result.assert_outcomes(passed=1)
 
 
@@ -29,3 +29,59 @@ def test_ini_key_is_used(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest()
     result.stderr.fnmatch_lines(["*--microvm-modules: /no/such/modules does not exist*"])
+
+
+def test_bad_option_values_are_usage_errors(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    for args, message in (
+        (["--microvm-memory", "lots"], "*--microvm-memory: 'lots' is not a number*"),
+        (["--microvm-accel", "xen"], "*--microvm-accel: 'xen'; use auto, kvm or tcg*"),
+        (["--microvm-memory", "16"], "*at least 64 MiB*"),
+    ):
+        result = pytester.runpytest(*args)
+        result.stderr.fnmatch_lines([message])
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_forcing_kvm_without_kvm_is_reported_in_the_header(pytester: pytest.Pytester) -> None:
+    from pytest_microvm.machine import detect_host
+
+    if detect_host().kvm.usable:
+        pytest.skip("this host has usable KVM: forcing it is not an error here")
+    pytester.makepyfile("def test_nothing(): pass")
+    result = pytester.runpytest("--microvm-accel", "kvm")
+    result.stdout.fnmatch_lines(["microvm: accel=kvm was forced, but *; use accel=tcg or auto"])
+
+
+def test_marker_is_registered_and_strict_markers_pass(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.microvm(memory_mib=512)
+        def test_marked():
+            pass
+        """
+    )
+    result = pytester.runpytest("--strict-markers")
+    result.assert_outcomes(passed=1)
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.microvm(**config):*"])
+
+
+def test_hookspecs_are_registered(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        def pytest_microvm_qemu_args(config, argv):
+            return argv
+
+        def pytest_microvm_ready(vm):
+            pass
+
+        def pytest_microvm_config(config, request):
+            return None
+        """
+    )
+    pytester.makepyfile("def test_nothing(): pass")
+    # An unknown pytest_* hook in a conftest is an error; ours are known.
+    pytester.runpytest().assert_outcomes(passed=1)
