@@ -1,0 +1,131 @@
+"""The plugin as a user meets it: pytester runs that boot real guests in a pytest subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SUITE = """
+import os
+import pytest
+
+def test_fixture_runs_commands(microvm):
+    r = microvm.run(["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert (r.stdout, r.stderr, r.exit_code) == (b"out\\n", b"err\\n", 7)
+    with open(os.environ["PIDS_FILE"], "a") as f:
+        f.write(" ".join(map(str, microvm.pids)) + "\\n")
+
+@pytest.mark.microvm(memory_mib=160, kernel_cmdline=("marker.seen=1",))
+def test_marker_configures_the_vm(microvm):
+    assert microvm.config.memory_mib == 160
+    total_kib = int(microvm.run("grep MemTotal /proc/meminfo").stdout.split()[1])
+    assert 100 * 1024 < total_kib < 160 * 1024
+    assert b"marker.seen=1" in microvm.read_file("/proc/cmdline")
+
+def test_hooks_were_called(microvm):
+    assert "-name" in microvm.qemu.argv          # pytest_microvm_qemu_args
+    assert microvm.ready_by_hook                   # pytest_microvm_ready
+    assert microvm.config.extra["from_hook"]      # pytest_microvm_config
+
+def test_factory_boots_two(microvm_factory):
+    a, b = microvm_factory(), microvm_factory(memory_mib=192)
+    assert a.run("hostname").stdout == b.run("hostname").stdout == b"microvm\\n"
+    assert b.config.memory_mib == 192
+
+def test_failure_attaches_the_console(microvm):
+    microvm.run("echo I-WAS-HERE > /dev/console")
+    assert False, "deliberate"
+"""
+
+CONFTEST = """
+def pytest_microvm_qemu_args(config, argv):
+    return [*argv, "-name", "from-hook"]
+
+def pytest_microvm_ready(vm):
+    vm.ready_by_hook = True
+
+def pytest_microvm_config(config, request):
+    return config.with_(extra={"from_hook": True})
+"""
+
+
+def test_plugin_end_to_end(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=SUITE)
+    pids_file = tmp_path / "pids"
+    os.environ["PIDS_FILE"] = str(pids_file)
+    try:
+        result = pytester.runpytest_subprocess("--strict-markers", "-p", "no:cacheprovider", timeout=600)
+    finally:
+        del os.environ["PIDS_FILE"]
+    result.assert_outcomes(passed=4, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "microvm: QEMU *; accel=*",
+            "*- microvm vm console (tail) -*",
+            "*I-WAS-HERE*",
+        ]
+    )
+    # The VM of the first test was torn down: its QEMU and backend are gone.
+    pids = [int(p) for p in pids_file.read_text().split()]
+    assert len(pids) == 2
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+
+
+def test_xdist_two_workers_six_vms(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_many="""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(6))
+        def test_vm(microvm, i):
+            assert microvm.run(["echo", str(i)]).stdout == f"{i}\\n".encode()
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", timeout=600)
+    result.assert_outcomes(passed=6)
+
+
+def _processes_mentioning(marker: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(test_slow="def test_boot(microvm):\n    microvm.run(['sleep', '60'])\n")
+    workroot = tmp_path / "vms"
+    workroot.mkdir()
+    env = {**os.environ, "TMPDIR": str(workroot)}  # every VM directory (and so QEMU's argv) lands here
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(pytester.path)],
+        cwd=pytester.path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 120
+    while not any("qemu-system" in p for p in _processes_mentioning(str(workroot))):
+        assert proc.poll() is None and time.monotonic() < deadline, "QEMU never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C while the guest boots
+    out, _ = proc.communicate(timeout=60)
+    assert b"KeyboardInterrupt" in out or proc.returncode == 2, out[-2000:]
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(workroot)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(workroot)) == []
+    assert [p.name for p in workroot.iterdir() if p.name.startswith("microvm-")] == []
