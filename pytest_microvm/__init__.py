@@ -3,6 +3,8 @@
 The public API; the modules behind it are private and may change.
 """
 
+import logging
+
 from pytest_microvm.client import AgentClient, Process
 from pytest_microvm.errors import (
     AgentError,
@@ -22,6 +24,9 @@ from pytest_microvm.machine import MicroVM, Runstate, VMConfig, boot
 from pytest_microvm.result import CommandResult
 
 __version__ = "0.1.0"
+
+# A library does not configure logging: the application (or pytest) decides what shows.
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AgentClient",

@@ -92,6 +92,7 @@ class VMConfig:
 
 
 _GUEST_CID = 3  # with the userspace backend every VM has its own CID space
+_warned_tcg = False
 
 
 class MicroVM:
@@ -151,7 +152,9 @@ class MicroVM:
         if host.qemu is None:
             raise ConfigError("qemu-system-x86_64 is not installed (Debian/Ubuntu: apt-get install qemu-system-x86)")
         self.choice = choose(host, cfg.accel, cfg.vsock)
-        if self.choice.accel == "tcg" and cfg.accel == "auto":
+        global _warned_tcg
+        if self.choice.accel == "tcg" and cfg.accel == "auto" and not _warned_tcg:
+            _warned_tcg = True  # once per process: the pytest header and the CLI say it too
             self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
         image = cfg.image or build_image()
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
