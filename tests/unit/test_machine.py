@@ -1,0 +1,109 @@
+"""Host choice, VMConfig validation and CID/port allocation: the logic, without a VM."""
+
+from __future__ import annotations
+
+import errno
+import random
+from pathlib import Path
+
+import pytest
+
+from pytest_microvm import ConfigError, VMConfig
+from pytest_microvm.channel.kernel import KernelVsockListener
+from pytest_microvm.machine.allocation import claim, claim_random
+from pytest_microvm.machine.host import Capability, HostReport, choose
+
+YES, NO = Capability(True, "usable"), Capability(False, "missing")
+
+
+def host(kvm: bool, vsock: bool) -> HostReport:
+    return HostReport(kvm=YES if kvm else NO, vhost_vsock=YES if vsock else NO, qemu="/q", qemu_version="7.2")
+
+
+@pytest.mark.parametrize(
+    ("kvm", "vsock", "want"),
+    [
+        (True, True, ("kvm", "kernel")),
+        (True, False, ("kvm", "userspace")),
+        (False, True, ("tcg", "userspace")),  # kernel vhost is the fast path only with KVM
+        (False, False, ("tcg", "userspace")),
+    ],
+)
+def test_auto_choice(kvm: bool, vsock: bool, want: tuple[str, str]) -> None:
+    c = choose(host(kvm, vsock))
+    assert (c.accel, c.vsock) == want
+    assert f"accel={want[0]}" in c.why and f"vsock={want[1]}" in c.why
+
+
+def test_forcing_what_the_host_cannot_do_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="accel=kvm was forced, but missing"):
+        choose(host(False, False), accel="kvm")
+    with pytest.raises(ConfigError, match="vsock=kernel was forced, but missing"):
+        choose(host(True, False), vsock="kernel")
+    with pytest.raises(ConfigError, match="accel must be one of"):
+        choose(host(True, True), accel="xen")
+    c = choose(host(True, True), accel="tcg", vsock="userspace")  # forcing the slower path is fine
+    assert (c.accel, c.vsock) == ("tcg", "userspace")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"memory_mib": 32}, "at least 64"), ({"vcpus": 0}, "between 1 and 64"), ({"boot_timeout": 0}, "positive")],
+)
+def test_vmconfig_validation(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        VMConfig(**kwargs)  # type: ignore[arg-type]
+    assert VMConfig().with_(memory_mib=512).memory_mib == 512
+
+
+def test_claims_are_exclusive_until_released(tmp_path: Path) -> None:
+    first = claim("cid", 42, tmp_path)
+    assert first is not None
+    assert claim("cid", 42, tmp_path) is None  # another VM of ours holds it
+    first.release()
+    again = claim("cid", 42, tmp_path)
+    assert again is not None
+    again.release()
+
+
+def test_random_claim_skips_taken_values(tmp_path: Path) -> None:
+    held = [claim("cid", v, tmp_path) for v in range(3, 10)]
+    got = claim_random("cid", 3, 10, rng=random.Random(1), directory=tmp_path)
+    assert got.value == 10
+    got.release()
+    for h in held:
+        assert h is not None
+        h.release()
+    with pytest.raises(OSError, match="no free cid"):
+        blocker = claim("cid", 5, tmp_path)
+        try:
+            claim_random("cid", 5, 5, directory=tmp_path, attempts=4)
+        finally:
+            assert blocker is not None
+            blocker.release()
+
+
+def test_kernel_listener_moves_to_another_port_when_1024_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    tried: list[int] = []
+    taken = {1024, 2000}
+
+    def fake_init(self: KernelVsockListener, guest_cid: int, port: int) -> None:
+        tried.append(port)
+        if port in taken:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        self.guest_cid, self.port = guest_cid, port
+
+    monkeypatch.setattr(KernelVsockListener, "__init__", fake_init)
+    picks = iter([2000, 3000])
+    listener = KernelVsockListener.bind_free(7, pick=lambda: next(picks))
+    assert listener.port == 3000 and tried == [1024, 2000, 3000]
+
+
+def test_kernel_listener_does_not_retry_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_init(self: KernelVsockListener, guest_cid: int, port: int) -> None:
+        raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")  # no host vsock at all
+
+    monkeypatch.setattr(KernelVsockListener, "__init__", fake_init)
+    with pytest.raises(OSError) as info:
+        KernelVsockListener.bind_free(7)
+    assert info.value.errno == errno.EADDRNOTAVAIL
