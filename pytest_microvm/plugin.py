@@ -244,8 +244,8 @@ def pytest_runtest_makereport(
                 (
                     f"microvm {vm.name} kept running",
                     f"state: {vm.workdir / 'vm.json'} (token, sockets, pids)\n"
-                    f"console: {vm.workdir / 'console.log'}\nQMP: {vm.workdir / 'qmp.sock'}\n"
-                    f"agent: it reconnects to {vm.workdir / 'vsock'}_<agent_port> with the token in vm.json\n"
+                    f"console: {vm.workdir / 'console.log'}\nQMP and sockets: see 'qmp' and 'sockets' in vm.json\n"
+                    f"agent: it reconnects to <sockets>/vsock_<agent_port> with the token in vm.json\n"
                     f"stop it: kill {' '.join(str(p) for p in vm.pids)}; rm -r {vm.workdir}",
                 )
             )

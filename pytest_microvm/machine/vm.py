@@ -95,6 +95,21 @@ _GUEST_CID = 3  # with the userspace backend every VM has its own CID space
 _warned_tcg = False
 
 
+# sockaddr_un holds 108 bytes; the longest name we put in the socket dir is "vsock_<port>".
+_MAX_SOCKET_DIR = 108 - len("/vsock_4294967295") - 1
+
+
+def _socket_dir(workdir: Path) -> Path:
+    """Where the VM's Unix sockets go: its workdir, unless that path is too long for
+    sockaddr_un (a deep TMPDIR on CI), then a short private directory of its own."""
+    if len(os.fsencode(workdir)) <= _MAX_SOCKET_DIR:
+        return workdir
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), "/tmp"):
+        if base and len(base) < _MAX_SOCKET_DIR - 16 and os.access(base, os.W_OK):
+            return Path(tempfile.mkdtemp(prefix="mvm-", dir=base))
+    raise ConfigError(f"{workdir} is too long for Unix sockets and /tmp is not writable: set TMPDIR shorter")
+
+
 class MicroVM:
     """A QEMU guest with the agent inside; use as a context manager.
 
@@ -118,6 +133,7 @@ class MicroVM:
         self.runstate = Runstate.CREATED
         self.choice: Choice | None = None
         self.workdir: Path | None = None
+        self._sockdir: Path | None = None  # the workdir, or a short one when that is too long for sockets
         self.token = secrets.token_hex(16)
         self.ready_seconds: float | None = None
         self.qemu: QemuProcess | None = None
@@ -158,10 +174,11 @@ class MicroVM:
             self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
         image = cfg.image or build_image()
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
-        self.monitor = Monitor(self.workdir / "qmp.sock")
+        self._sockdir = _socket_dir(self.workdir)
+        self.monitor = Monitor(self._sockdir / "qmp.sock")
         port = cfg.port
         if self.choice.vsock == "userspace":
-            self.vsock = UserspaceVsock(self.workdir, _GUEST_CID, die_with_parent=not cfg.keep)
+            self.vsock = UserspaceVsock(self._sockdir, _GUEST_CID, die_with_parent=not cfg.keep)
             self.vsock.start()
             self._listener = self.vsock.listen(port)
             channel_args = self.vsock.qemu_args()
@@ -248,6 +265,7 @@ class MicroVM:
             "agent_port": port,
             "guest_cid": self._cid_claim.value if self._cid_claim else _GUEST_CID,
             "qmp": str(self.monitor.path) if self.monitor else None,
+            "sockets": str(self._sockdir),
             "console": str(self.qemu.console_path),
         }
         (self.workdir / "vm.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -286,8 +304,9 @@ class MicroVM:
                 self._listener.close()
             if self._cid_claim is not None:
                 self._cid_claim.release()
-            if self.workdir is not None:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            for directory in (self._sockdir, self.workdir):
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
             self.runstate = Runstate.STOPPED
 
     def _graceful_poweroff(self, deadline: float) -> None:

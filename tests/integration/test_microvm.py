@@ -171,3 +171,17 @@ def test_kernel_vhost_vsock_path(microvm_image: GuestImage) -> None:
     with MicroVM(VMConfig(image=microvm_image, vsock="kernel", accel="kvm")) as vm:
         assert vm.choice is not None and vm.choice.vsock == "kernel"
         assert vm.run(["echo", "kernel vsock"]).stdout == b"kernel vsock\n"
+
+
+def test_a_deep_work_directory_still_gets_its_sockets(microvm_image: GuestImage, tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # far past sockaddr_un's 108 bytes
+    deep.mkdir(parents=True)
+    vm = MicroVM(VMConfig(image=microvm_image, workdir=deep)).start()
+    try:
+        assert vm.workdir is not None and vm.workdir.parent == deep
+        assert vm.run(["echo", "deep"]).stdout == b"deep\n"
+        sockdir = vm._sockdir
+        assert sockdir is not None and sockdir != vm.workdir
+    finally:
+        vm.stop()
+    assert not sockdir.exists() and list(deep.iterdir()) == []

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from pytest_microvm import GuestImage
 
 SUITE = """
 import os
@@ -55,7 +59,14 @@ def pytest_microvm_config(config, request):
 """
 
 
-def test_plugin_end_to_end(pytester: pytest.Pytester, tmp_path: Path) -> None:
+@pytest.fixture
+def shared_cache(microvm_image: GuestImage, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester gives each run a fresh HOME; point it at the session's image cache instead
+    of building (and downloading) the whole image again."""
+    monkeypatch.setenv("MICROVM_CACHE_DIR", str(microvm_image.directory.parents[1]))
+
+
+def test_plugin_end_to_end(pytester: pytest.Pytester, tmp_path: Path, shared_cache: None) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_suite=SUITE)
     pids_file = tmp_path / "pids"
@@ -78,7 +89,7 @@ def test_plugin_end_to_end(pytester: pytest.Pytester, tmp_path: Path) -> None:
     assert not any(Path(f"/proc/{p}").exists() for p in pids)
 
 
-def test_xdist_two_workers_six_vms(pytester: pytest.Pytester) -> None:
+def test_xdist_two_workers_six_vms(pytester: pytest.Pytester, shared_cache: None) -> None:
     pytester.makepyfile(
         test_many="""
         import pytest
@@ -105,10 +116,10 @@ def _processes_mentioning(marker: str) -> list[str]:
     return found
 
 
-def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, shared_cache: None) -> None:
     pytester.makepyfile(test_slow="def test_boot(microvm):\n    microvm.run(['sleep', '60'])\n")
-    workroot = tmp_path / "vms"
-    workroot.mkdir()
+    # Short, so the VM's sockets live in it too and every process of the VM names it.
+    workroot = Path(tempfile.mkdtemp(prefix="sigint-", dir="/tmp"))
     env = {**os.environ, "TMPDIR": str(workroot)}  # every VM directory (and so QEMU's argv) lands here
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(pytester.path)],
@@ -117,15 +128,23 @@ def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 120
-    while not any("qemu-system" in p for p in _processes_mentioning(str(workroot))):
-        assert proc.poll() is None and time.monotonic() < deadline, "QEMU never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C while the guest boots
-    out, _ = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("qemu-system" in p for p in _processes_mentioning(str(workroot))):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"QEMU never started; pytest said:\n{proc.communicate()[0].decode()[-3000:]}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while the guest boots
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
     assert b"KeyboardInterrupt" in out or proc.returncode == 2, out[-2000:]
     deadline = time.monotonic() + 10
     while _processes_mentioning(str(workroot)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_mentioning(str(workroot)) == []
     assert [p.name for p in workroot.iterdir() if p.name.startswith("microvm-")] == []
+    shutil.rmtree(workroot)
