@@ -1,4 +1,4 @@
-"""The ``microvm`` command: build the guest image and check that it boots.
+"""The ``microvm`` command: build the guest image, check that it boots, run a command in a VM.
 
 Progress goes to stderr, results (paths) to stdout, so scripts can capture them.
 """
@@ -16,7 +16,7 @@ from pytest_microvm import __version__
 from pytest_microvm.cache import cache_dir
 from pytest_microvm.errors import MicroVMError
 from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.machine import QemuProcess, detect_host, qemu_argv
+from pytest_microvm.machine import MicroVM, QemuProcess, VMConfig, detect_host, qemu_argv
 
 
 def _progress() -> Callable[[str], None]:
@@ -75,6 +75,31 @@ def cmd_image_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """Boot a VM, run one command with its output streamed as it comes, power off."""
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        print("error: nothing to run: microvm run [options] -- CMD [ARGS...]", file=sys.stderr)
+        return 2
+    image = _build(args)
+    config = VMConfig(
+        image=image, memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock,
+        boot_timeout=args.boot_timeout,
+    )  # fmt: skip
+    with MicroVM(config, name="run") as vm:
+        if vm.choice and vm.choice.accel == "tcg":
+            print(f"microvm: running under TCG ({vm.choice.why})", file=sys.stderr)
+        proc = vm.start_process(command, timeout=args.timeout)
+        sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        while (chunk := proc.read()) is not None:
+            sinks[chunk[0]].write(chunk[1])
+            sinks[chunk[0]].flush()
+        result = proc.wait()
+    if result.timed_out:
+        print(f"microvm: the command timed out after {args.timeout}s", file=sys.stderr)
+    return 128 + result.signal if result.signal else result.exit_code
+
+
 def cmd_cache_dir(args: argparse.Namespace) -> int:
     print(cache_dir(args.cache_dir))
     return 0
@@ -97,6 +122,24 @@ def parser() -> argparse.ArgumentParser:
         if name == "check":
             p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent (default 60)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "run",
+        help="boot a VM, run a command in it, stream its output, exit with its status",
+        description="Boot a throw-away VM, run CMD in it with stdout and stderr streamed, power it off, "
+        "and exit with CMD's exit code (128+N if it died by signal N).",
+    )
+    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
+    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
+    p.add_argument("--timeout", type=float, default=None, help="kill the command after this many seconds")
+    p.add_argument("--boot-timeout", type=float, default=120.0, help="seconds the guest may take to boot")
+    p.add_argument("--kernel", help=argparse.SUPPRESS)
+    p.add_argument("--modules", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cache-dir", help="print the cache directory")
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
