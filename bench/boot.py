@@ -14,6 +14,7 @@ Runs interleave (bare, ready, bare, ready, …) so machine load hits both alike.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,8 @@ def p95(values: list[float]) -> float:
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so the VM and its temp directory are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--execs", type=int, default=200)

@@ -18,6 +18,7 @@ Both channels take the data from the same place with one copy in the guest.
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import statistics
 import sys
@@ -156,6 +157,8 @@ def connection_round_trip(vm: VsockVM, n: int = 100) -> float:
 
 
 def main() -> int:
+    # SIGTERM unwinds like Ctrl-C, so the VM and its temp directory are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--mib", type=int, default=64)

@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from pytest_microvm import hookspecs
+from pytest_microvm.cache import cache_dir
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage, build_image
+from pytest_microvm.image.sources import describe_kernel
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
 
 _VMS = pytest.StashKey[list[MicroVM]]()
@@ -128,7 +130,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         choice = choose(host, base.accel, base.vsock)
     except ConfigError as exc:
         return [f"microvm: {exc}"]
-    lines = [f"microvm: QEMU {host.qemu_version}; {choice.why}"]
+    kernel = describe_kernel(_setting(config, "kernel"), cache_dir(_setting(config, "cache-dir")))
+    lines = [f"microvm: QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
     if choice.accel == "tcg":
         lines.append("microvm: WARNING: no usable KVM -- guests run under TCG emulation, several times slower")
     return lines

@@ -226,3 +226,16 @@ def user_kernel(path: Path, moddir: Path | None, cache: Path, progress: Progress
     final = cache / "kernels" / key
     cached_build(final, build)
     return _load_collected(final, key)
+
+
+def describe_kernel(kernel: str | None, cache: Path) -> str:
+    """One line naming the kernel a build would use, without building (for the pytest header)."""
+    if kernel is not None:
+        return f"{kernel} (given)"
+    if not shutil.which("apt-cache"):
+        return "none: no apt-cache to find Debian's kernel; pass --microvm-kernel"
+    try:
+        real, version = _resolve_package(cache, DEFAULT_KERNEL_PACKAGE)
+    except ImageError as exc:
+        return f"unknown ({exc})"
+    return f"{real.removeprefix('linux-image-')} (Debian {real} {version})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -148,3 +150,35 @@ def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, sha
     assert _processes_mentioning(str(workroot)) == []
     assert [p.name for p in workroot.iterdir() if p.name.startswith("microvm-")] == []
     shutil.rmtree(workroot)
+
+
+def test_keep_on_failure_leaves_the_vm_up_and_says_how_to_reach_it(
+    pytester: pytest.Pytester, shared_cache: None
+) -> None:
+    pytester.makepyfile(
+        test_keep="""
+        def test_pass(microvm):
+            pass
+
+        def test_fail(microvm):
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("--microvm-keep-on-failure", "-p", "no:cacheprovider", timeout=600)
+    result.assert_outcomes(passed=1, failed=1)
+    text = "\n".join(result.outlines)
+    result.stdout.fnmatch_lines(["*- microvm vm kept running -*", "state: */vm.json*", "stop it: kill *"])
+    stop_line = next(line for line in result.outlines if line.startswith("stop it: kill "))
+    pids = [int(p) for p in stop_line.removeprefix("stop it: kill ").split(";")[0].split()]
+    workdir = Path(stop_line.split("rm -r ")[1])
+    try:
+        assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids), text[-2000:]
+        state = json.loads((workdir / "vm.json").read_text())
+        assert state["qemu_pid"] in pids and state["token"]
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if "sockets" in locals().get("state", {}):
+            shutil.rmtree(state["sockets"], ignore_errors=True)
