@@ -6,9 +6,17 @@ Progress goes to stderr, results (paths) to stdout, so scripts can capture them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import select
+import shutil
+import signal
 import sys
 import tempfile
+import termios
+import threading
 import time
+import tty
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,7 +24,8 @@ from pytest_microvm import __version__
 from pytest_microvm.cache import cache_dir
 from pytest_microvm.errors import MicroVMError
 from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.machine import MicroVM, QemuProcess, VMConfig, detect_host, qemu_argv
+from pytest_microvm.image.sources import describe_kernel
+from pytest_microvm.machine import MicroVM, QemuProcess, VMConfig, choose, detect_host, qemu_argv
 
 
 def _progress() -> Callable[[str], None]:
@@ -100,6 +109,88 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 128 + result.signal if result.signal else result.exit_code
 
 
+def _terminal_size() -> tuple[int, int]:
+    size = shutil.get_terminal_size((80, 24))
+    return size.lines, size.columns
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    """Boot a VM and give an interactive shell on a terminal carried by the agent."""
+    image = _build(args)
+    config = VMConfig(image=image, memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock)
+    interactive = sys.stdin.isatty()
+    with MicroVM(config, name="shell") as vm:
+        accel = vm.choice.accel if vm.choice else "?"
+        print(f"microvm: shell in a {accel} guest; exit or ^D leaves (the VM is removed)", file=sys.stderr)
+        env = {"TERM": os.environ.get("TERM", "xterm"), "PS1": "microvm:\\w# "}
+        proc = vm.start_process(["/bin/sh", "-i"], env=env, cwd="/root", pty=_terminal_size())
+        saved = termios.tcgetattr(sys.stdin.fileno()) if interactive else None
+        previous_winch = signal.signal(signal.SIGWINCH, lambda *_: proc.resize(*_terminal_size()))
+        stop = threading.Event()
+
+        def forward_stdin() -> None:
+            # Raw mode: every key (^C, ^Z, arrows) reaches the guest's terminal as typed.
+            fd = sys.stdin.fileno()
+            while not stop.is_set():
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if not ready:
+                    continue
+                data = os.read(fd, 4096)
+                with contextlib.suppress(MicroVMError):
+                    proc.write(data or b"\x04", timeout=10)  # our end of input: ^D for the guest shell
+                if not data:
+                    return
+
+        try:
+            if saved is not None:
+                tty.setraw(sys.stdin.fileno())
+            threading.Thread(target=forward_stdin, daemon=True).start()
+            out = sys.stdout.buffer
+            while (chunk := proc.read()) is not None:
+                out.write(chunk[1])
+                out.flush()
+            result = proc.wait()
+        finally:
+            stop.set()
+            signal.signal(signal.SIGWINCH, previous_winch)
+            if saved is not None:
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+    return 128 + result.signal if result.signal else result.exit_code
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What this host can do for microVMs, what will be used, and how to fix what is missing."""
+    host = detect_host()
+    ok = True
+
+    def line(good: bool, what: str, detail: str, fix: str = "") -> None:
+        print(f"[{'ok' if good else '--'}] {what:<12} {detail}")
+        if fix and not good:
+            print(f"{'':18}fix: {fix}")
+
+    qemu = f"{host.qemu} ({host.qemu_version})" if host.qemu else "not found"
+    line(host.qemu is not None, "QEMU", qemu, "apt-get install qemu-system-x86")
+    ok &= host.qemu is not None
+    line(host.kvm.usable, "KVM", host.kvm.reason, "hardware virtualisation, /dev/kvm passed in, the kvm group")
+    line(host.vhost_vsock.usable, "vhost-vsock", host.vhost_vsock.reason,
+         "modprobe vhost_vsock (without it the userspace backend is used: it works, a bit slower)")  # fmt: skip
+    try:
+        line(True, "will use", choose(host, args.accel, args.vsock).why)
+    except MicroVMError as exc:
+        line(False, "will use", str(exc))
+        ok = False
+    cache = cache_dir(args.cache_dir)
+    line(True, "cache", str(cache))
+    line(True, "kernel", describe_kernel(args.kernel, cache))
+    for tool, package in (("cc", "gcc libc6-dev"), ("busybox", "busybox-static")):
+        found = shutil.which(tool)
+        line(found is not None, tool, found or "not found", f"apt-get install {package}")
+        ok &= found is not None
+    if host.accel == "tcg":
+        print("note: without usable KVM, guests run under TCG emulation: boots take seconds, not a fraction")
+    return 0 if ok else 1
+
+
 def cmd_cache_dir(args: argparse.Namespace) -> int:
     print(cache_dir(args.cache_dir))
     return 0
@@ -140,6 +231,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("shell", help="boot a VM and open an interactive shell in it (removed on exit)")
+    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
+    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
+    for hidden in ("--kernel", "--modules", "--cache-dir"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser("doctor", help="what this host can do, what will be used, and how to fix what is missing")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
+    p.add_argument("--kernel", help="the kernel you would pass to image build")
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("cache-dir", help="print the cache directory")
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)

@@ -332,15 +332,22 @@ class AgentClient:
         cwd: str | None = None,
         stdin: bool = False,
         timeout: float | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> Process:
         """Start a command and return a handle to stream its input and output.
 
         ``cmd`` is an argv list, or a string run by ``/bin/sh -c``. ``stdin=True`` gives
         the command a pipe fed by :meth:`Process.write`; otherwise it reads /dev/null.
         ``timeout`` (seconds) is enforced by the agent, which kills the process group.
+        ``pty=(rows, cols)`` runs it on a new pseudo-terminal of that size (its
+        controlling terminal: job control and ^C work; all output arrives as stdout).
         """
         argv = _argv(cmd)
-        return Process(self, self._start(argv, env, cwd, stdin, timeout, sink=None), timeout)
+        job = self._start(argv, env, cwd, stdin or pty is not None, timeout, sink=None, pty=pty is not None)
+        process = Process(self, job, timeout)
+        if pty is not None:
+            process.resize(*pty)
+        return process
 
     def _start(
         self,
@@ -350,6 +357,7 @@ class AgentClient:
         stdin: bool,
         timeout: float | None,
         sink: Sink | None,
+        pty: bool = False,
     ) -> _Job:
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
@@ -361,7 +369,9 @@ class AgentClient:
         return self._open_job(
             argv,
             sink,
-            lambda fid: p.encode_exec(fid, argv, env=env_list, cwd=cwd or "", stdin_pipe=stdin, timeout_ms=timeout_ms),
+            lambda fid: p.encode_exec(
+                fid, argv, env=env_list, cwd=cwd or "", stdin_pipe=stdin, pty=pty, timeout_ms=timeout_ms
+            ),
         )
 
     def run(
@@ -503,6 +513,13 @@ class Process:
     def close_stdin(self) -> None:
         """Signal end of input to the command."""
         self._client._close_stdin(self._job)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal size of a command started with ``pty=`` (it gets SIGWINCH)."""
+        with self._client._lock:
+            if self._job.done:
+                return
+        self._client._send(p.encode_winsize(self._job.id, rows, cols))
 
     def kill(self, sig: int = _signal.SIGKILL) -> None:
         """Send a signal to the command's process group in the guest."""

@@ -25,6 +25,7 @@ OUTPUT_WINDOW = 256 * 1024
 STDIN_WINDOW = 256 * 1024
 
 EXEC_STDIN_PIPE = 0x1
+EXEC_PTY = 0x2
 EXIT_TIMED_OUT = 0x1
 
 
@@ -42,6 +43,7 @@ class FrameType(enum.IntEnum):
     GET = 11
     ERROR = 12
     POWEROFF = 13
+    WINSIZE = 14
 
 
 FROM_AGENT = frozenset(
@@ -58,6 +60,7 @@ FROM_HOST = frozenset(
         FrameType.GET,
         FrameType.ERROR,
         FrameType.POWEROFF,
+        FrameType.WINSIZE,
     }
 )
 JOB_FRAMES = frozenset(
@@ -71,6 +74,7 @@ JOB_FRAMES = frozenset(
         FrameType.CREDIT,
         FrameType.PUT,
         FrameType.GET,
+        FrameType.WINSIZE,
     }
 )
 
@@ -147,13 +151,16 @@ def encode_exec(
     env: Iterable[str | bytes] = (),
     cwd: str = "",
     stdin_pipe: bool = False,
+    pty: bool = False,
     timeout_ms: int = 0,
 ) -> bytes:
     if not argv:
         raise ValueError("argv must not be empty")
+    if pty and not stdin_pipe:
+        raise ValueError("a PTY needs stdin_pipe (the terminal's input)")
     if not 0 <= timeout_ms <= 0xFFFFFFFF:
         raise ValueError(f"timeout_ms out of range: {timeout_ms}")
-    flags = EXEC_STDIN_PIPE if stdin_pipe else 0
+    flags = (EXEC_STDIN_PIPE if stdin_pipe else 0) | (EXEC_PTY if pty else 0)
     payload = (
         struct.pack(">II", flags, timeout_ms) + _c_str(cwd, "cwd") + _strv(list(argv), "argv") + _strv(list(env), "env")
     )
@@ -170,6 +177,12 @@ def encode_exit(fid: int, exit_code: int, sig: int = 0, timed_out: bool = False)
 
 def encode_error(fid: int, code: int, message: str) -> bytes:
     return frame(FrameType.ERROR, fid, struct.pack(">I", code) + _str(message))
+
+
+def encode_winsize(fid: int, rows: int, cols: int) -> bytes:
+    if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+        raise ValueError(f"window size {rows}x{cols} out of range")
+    return frame(FrameType.WINSIZE, fid, struct.pack(">HH", rows, cols))
 
 
 def encode_put(fid: int, path: str, mode: int) -> bytes:

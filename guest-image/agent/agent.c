@@ -57,9 +57,10 @@
 
 enum {
 	T_HELLO = 1, T_HELLO_ACK, T_EXEC, T_STDIN, T_STDOUT, T_STDERR, T_EXIT,
-	T_KILL, T_CREDIT, T_PUT, T_GET, T_ERROR, T_POWEROFF,
+	T_KILL, T_CREDIT, T_PUT, T_GET, T_ERROR, T_POWEROFF, T_WINSIZE,
 };
 #define EXEC_STDIN_PIPE 1u
+#define EXEC_PTY 2u
 #define EXIT_TIMED_OUT 1u
 
 enum kind { K_EXEC = 1, K_PUT, K_GET };
@@ -75,6 +76,7 @@ struct job {
 	size_t inq_off, inq_len;
 	int in_open;       /* host may still send STDIN */
 	int timed_out;
+	int pty;           /* out_fd is a pseudo-terminal master; in_fd a dup of it */
 	uint64_t deadline_ms;
 };
 
@@ -433,8 +435,10 @@ static char **build_env(char **extra, uint32_t n)
 static void start_exec(uint32_t id, struct cursor *c)
 {
 	uint32_t flags = cur_u32(c), timeout = cur_u32(c), argc = 0, envc = 0;
-	if (!c->err && (flags & ~EXEC_STDIN_PIPE))
+	if (!c->err && (flags & ~(EXEC_STDIN_PIPE | EXEC_PTY)))
 		c->err = "unknown exec flag";
+	if (!c->err && (flags & EXEC_PTY) && !(flags & EXEC_STDIN_PIPE))
+		c->err = "PTY without STDIN_PIPE";
 	char *cwd = cur_str(c);
 	char **argv = cur_strv(c, &argc);
 	char **envv = argv ? cur_strv(c, &envc) : NULL;
@@ -449,9 +453,43 @@ static void start_exec(uint32_t id, struct cursor *c)
 		goto out;
 	char **env = build_env(envv, envc);
 	int in[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 }, ep[2] = { -1, -1 };
-	if (!env || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) ||
+	int master = -1;
+	if (!env) {
+		job_fail(j, ENOMEM, "environment");
+		goto out;
+	}
+	if (flags & EXEC_PTY) {
+		/* One terminal for all three streams: the slave side goes to the child as
+		 * in[0]/out[1]/err[1]; the master is read as stdout and written as stdin. */
+		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+		char *name = master >= 0 && !grantpt(master) && !unlockpt(master) ? ptsname(master) : NULL;
+		int slave = name ? open(name, O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
+		if (slave < 0) {
+			int e = errno;
+			if (master >= 0)
+				close(master);
+			free(env);
+			job_fail(j, e, "openpty");
+			goto out;
+		}
+		in[0] = slave;
+		out[1] = fcntl(slave, F_DUPFD_CLOEXEC, 3);
+		err[1] = fcntl(slave, F_DUPFD_CLOEXEC, 3);
+		out[0] = master;
+		in[1] = fcntl(master, F_DUPFD_CLOEXEC, 3);
+		if (pipe2(ep, O_CLOEXEC) || out[1] < 0 || err[1] < 0 || in[1] < 0) {
+			int e = errno;
+			int all[] = { in[0], in[1], out[0], out[1], err[1], ep[0], ep[1] };
+			for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+				if (all[i] >= 0)
+					close(all[i]);
+			free(env);
+			job_fail(j, e, "pty");
+			goto out;
+		}
+	} else if (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) ||
 	    ((flags & EXEC_STDIN_PIPE) && pipe2(in, O_CLOEXEC))) {
-		int e = env ? errno : ENOMEM;
+		int e = errno;
 		int all[] = { in[0], in[1], out[0], out[1], err[0], err[1], ep[0], ep[1] };
 		for (size_t i = 0; i < sizeof all / sizeof *all; i++)
 			if (all[i] >= 0)
@@ -467,6 +505,8 @@ static void start_exec(uint32_t id, struct cursor *c)
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		signal(SIGPIPE, SIG_DFL);
 		setsid();
+		if (flags & EXEC_PTY)
+			ioctl(in[0], TIOCSCTTY, 0); /* job control and ^C need a controlling terminal */
 		int nul = (flags & EXEC_STDIN_PIPE) ? in[0] : open("/dev/null", O_RDONLY);
 		if (dup2(nul, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0 ||
 		    chdir(cwd[0] ? cwd : "/") < 0) {
@@ -490,8 +530,9 @@ static void start_exec(uint32_t id, struct cursor *c)
 	if (in[0] >= 0)
 		close(in[0]);
 	j->out_fd = out[0];
-	j->err_fd = err[0];
+	j->err_fd = err[0]; /* -1 with a PTY: everything comes through the master */
 	j->in_fd = in[1];
+	j->pty = (flags & EXEC_PTY) != 0;
 	j->in_open = in[1] >= 0;
 	if (pid < 0) {
 		close(ep[0]);
@@ -570,7 +611,7 @@ static const char *handle_frame(uint16_t type, uint32_t id, const unsigned char 
 {
 	struct cursor c = { p, len, NULL };
 	int job_frame = type == T_EXEC || type == T_STDIN || type == T_KILL ||
-			type == T_CREDIT || type == T_PUT || type == T_GET;
+			type == T_CREDIT || type == T_PUT || type == T_GET || type == T_WINSIZE;
 
 	if (type == T_HELLO || type == T_STDOUT || type == T_STDERR || type == T_EXIT)
 		return "misdirected frame type (agent-to-host only)";
@@ -639,6 +680,16 @@ static const char *handle_frame(uint16_t type, uint32_t id, const unsigned char 
 		return NULL;
 	case T_HELLO_ACK:
 		return "HELLO_ACK after the handshake";
+	case T_WINSIZE: {
+		if (len != 4)
+			return "WINSIZE payload is not 4 bytes";
+		if (j && !j->pty)
+			return "WINSIZE for a job without a terminal";
+		struct winsize ws = { .ws_row = get16(p), .ws_col = get16(p + 2) };
+		if (j && j->out_fd >= 0)
+			ioctl(j->out_fd, TIOCSWINSZ, &ws); /* the kernel sends SIGWINCH */
+		return NULL;
+	}
 	case T_POWEROFF:
 		if (len)
 			return "POWEROFF with a payload";
@@ -694,7 +745,7 @@ static void read_conn(void)
 			return malformed("frame larger than MAX_PAYLOAD");
 		if (get16(h + 6))
 			return malformed("non-zero header flags");
-		if (type < T_HELLO || type > T_POWEROFF)
+		if (type < T_HELLO || type > T_WINSIZE)
 			return malformed("unknown frame type");
 		if (in_len - off < HDR + len)
 			break;

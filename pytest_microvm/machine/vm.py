@@ -379,9 +379,12 @@ class MicroVM:
         cwd: str | None = None,
         stdin: bool = False,
         timeout: float | None = None,
+        pty: tuple[int, int] | None = None,
     ) -> Process:
-        """Start a command and stream it (write stdin, read output as it comes, kill, wait)."""
-        return self._guard(lambda: self.client.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout))
+        """Start a command and stream it (write stdin, read output as it comes, kill, wait).
+
+        ``pty=(rows, cols)`` gives it a terminal (see AgentClient.start)."""
+        return self._guard(lambda: self.client.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, pty=pty))
 
     def put_file(self, local: str | os.PathLike[str], remote: str, *, mode: int | None = None) -> None:
         self._guard(lambda: self.client.put_file(local, remote, mode=mode))

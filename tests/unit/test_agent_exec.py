@@ -257,3 +257,31 @@ def test_program_is_looked_up_in_the_commands_path(client: AgentClient, tmp_path
     tool.write_text("#!/bin/sh\necho found\n")
     tool.chmod(0o755)
     assert client.run(["only-here"], env={"PATH": f"{tmp_path}:/bin:/usr/bin"}).stdout == b"found\n"
+
+
+def test_pty_gives_a_controlling_terminal_with_size_and_interrupt(client: AgentClient) -> None:
+    proc = client.start(["sh", "-c", "stty size; tty; read line; echo got:$line"], pty=(33, 101))
+    out = b""
+    while b"/dev/pts/" not in out:
+        chunk = proc.read(timeout=10)
+        assert chunk is not None and chunk[0] == "stdout"  # a terminal has one output stream
+        out += chunk[1]
+    assert b"33 101" in out
+    proc.write(b"hello\r")
+    rest = proc.wait(timeout=10)
+    assert b"got:hello" in rest.stdout and rest.exit_code == 0
+    # ^C through the terminal's line discipline interrupts the foreground command.
+    sleeper = client.start(["sh", "-c", "sleep 30; echo not-interrupted"], pty=(24, 80))
+    time.sleep(0.3)
+    start = time.monotonic()
+    sleeper.write(b"\x03")
+    result = sleeper.wait(timeout=10)
+    assert result.signal == signal.SIGINT and time.monotonic() - start < 5
+
+
+def test_resize_reaches_the_terminal(client: AgentClient) -> None:
+    proc = client.start(["sh", "-c", "read x; stty size"], pty=(10, 20))
+    proc.resize(50, 132)
+    time.sleep(0.2)
+    proc.write(b"go\r")
+    assert b"50 132" in proc.wait(timeout=10).stdout

@@ -184,6 +184,8 @@ def drain(sock: socket.socket, timeout: float = 5.0) -> list[p.Frame]:
         (p.encode_hello_ack(), "after the handshake"),
         (p.encode_exec(0, ["true"]), "id 0"),
         (p.encode_u32(p.FrameType.KILL, 1, 0), "invalid signal"),
+        (p.frame(p.FrameType.WINSIZE, 1, b"\0"), "WINSIZE payload"),
+        (p.frame(p.FrameType.EXEC, 1, struct.pack(">IIIII", 2, 0, 0, 1, 2) + b"sh" + b"\0" * 4), "PTY without"),
         (p.encode_u32(p.FrameType.CREDIT, 1, 7) + b"z", None),  # unknown id: ignored... then trailing garbage
     ],
 )
