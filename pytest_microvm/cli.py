@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from pytest_microvm import __version__
 from pytest_microvm.cache import cache_dir
+from pytest_microvm.channel import UnixListener, connect_agent
+from pytest_microvm.client import Process
 from pytest_microvm.errors import MicroVMError
 from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.sources import describe_kernel
@@ -118,44 +121,88 @@ def cmd_shell(args: argparse.Namespace) -> int:
     """Boot a VM and give an interactive shell on a terminal carried by the agent."""
     image = _build(args)
     config = VMConfig(image=image, memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock)
-    interactive = sys.stdin.isatty()
     with MicroVM(config, name="shell") as vm:
         accel = vm.choice.accel if vm.choice else "?"
         print(f"microvm: shell in a {accel} guest; exit or ^D leaves (the VM is removed)", file=sys.stderr)
-        env = {"TERM": os.environ.get("TERM", "xterm"), "PS1": "microvm:\\w# "}
-        proc = vm.start_process(["/bin/sh", "-i"], env=env, cwd="/root", pty=_terminal_size())
-        saved = termios.tcgetattr(sys.stdin.fileno()) if interactive else None
-        previous_winch = signal.signal(signal.SIGWINCH, lambda *_: proc.resize(*_terminal_size()))
-        stop = threading.Event()
+        return _interactive_shell(lambda **kw: vm.start_process(["/bin/sh", "-i"], **kw))
 
-        def forward_stdin() -> None:
-            # Raw mode: every key (^C, ^Z, arrows) reaches the guest's terminal as typed.
-            fd = sys.stdin.fileno()
-            while not stop.is_set():
-                ready, _, _ = select.select([fd], [], [], 0.1)
-                if not ready:
-                    continue
-                data = os.read(fd, 4096)
-                with contextlib.suppress(MicroVMError):
-                    proc.write(data or b"\x04", timeout=10)  # our end of input: ^D for the guest shell
-                if not data:
-                    return
 
-        try:
-            if saved is not None:
-                tty.setraw(sys.stdin.fileno())
-            threading.Thread(target=forward_stdin, daemon=True).start()
-            out = sys.stdout.buffer
-            while (chunk := proc.read()) is not None:
-                out.write(chunk[1])
-                out.flush()
-            result = proc.wait()
-        finally:
-            stop.set()
-            signal.signal(signal.SIGWINCH, previous_winch)
-            if saved is not None:
-                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+def _interactive_shell(start: Callable[..., Process]) -> int:
+    """Run a guest shell on a terminal, with this terminal in raw mode; return its status."""
+    interactive = sys.stdin.isatty()
+    env = {"TERM": os.environ.get("TERM", "xterm"), "PS1": "microvm:\\w# "}
+    proc = start(env=env, cwd="/root", pty=_terminal_size())
+    saved = termios.tcgetattr(sys.stdin.fileno()) if interactive else None
+    previous_winch = signal.signal(signal.SIGWINCH, lambda *_: proc.resize(*_terminal_size()))
+    stop = threading.Event()
+
+    def forward_stdin() -> None:
+        # Raw mode: every key (^C, ^Z, arrows) reaches the guest's terminal as typed.
+        fd = sys.stdin.fileno()
+        while not stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if not ready:
+                continue
+            data = os.read(fd, 4096)
+            with contextlib.suppress(MicroVMError):
+                proc.write(data or b"\x04", timeout=10)  # our end of input: ^D for the guest shell
+            if not data:
+                return
+
+    try:
+        if saved is not None:
+            tty.setraw(sys.stdin.fileno())
+        threading.Thread(target=forward_stdin, daemon=True).start()
+        out = sys.stdout.buffer
+        while (chunk := proc.read()) is not None:
+            out.write(chunk[1])
+            out.flush()
+        result = proc.wait()
+    finally:
+        stop.set()
+        signal.signal(signal.SIGWINCH, previous_winch)
+        if saved is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
     return 128 + result.signal if result.signal else result.exit_code
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Reach a VM left running (--microvm-keep-on-failure): a shell, or one command."""
+    state_path = Path(args.state)
+    if state_path.is_dir():
+        state_path = state_path / "vm.json"
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read the VM state {state_path}: {exc}", file=sys.stderr)
+        return 2
+    if not state.get("agent_socket"):
+        print("error: attach needs a VM on the userspace vsock (its agent socket is a Unix socket)", file=sys.stderr)
+        return 2
+    pid = state.get("qemu_pid")
+    if not pid or not Path(f"/proc/{pid}").exists():
+        print(f"error: the VM is gone (QEMU pid {pid} is not running)", file=sys.stderr)
+        return 1
+    # The agent lost its host when the test process exited and keeps reconnecting to this
+    # path; the old listener's socket file is stale, so replace it.
+    sock_path = Path(state["agent_socket"])
+    sock_path.unlink(missing_ok=True)
+    with (
+        UnixListener(sock_path) as listener,
+        connect_agent(listener, token=state["token"], timeout=args.timeout, name="attach") as agent,
+    ):
+        command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not command:
+            print(f"microvm: attached to {state.get('name', 'vm')} (QEMU pid {pid}); exit leaves it running",
+                  file=sys.stderr)  # fmt: skip
+            return _interactive_shell(lambda **kw: agent.start(["/bin/sh", "-i"], **kw))
+        proc = agent.start(command)
+        sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        while (chunk := proc.read()) is not None:
+            sinks[chunk[0]].write(chunk[1])
+            sinks[chunk[0]].flush()
+        result = proc.wait()
+        return 128 + result.signal if result.signal else result.exit_code
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -240,6 +287,12 @@ def parser() -> argparse.ArgumentParser:
     for hidden in ("--kernel", "--modules", "--cache-dir"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_shell)
+
+    p = sub.add_parser("attach", help="reach a VM kept running by --microvm-keep-on-failure: a shell or a command")
+    p.add_argument("state", help="the kept VM's vm.json, or its directory (the failure report names it)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the agent to reconnect")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="[-- CMD ARGS...] (default: an interactive shell)")
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("doctor", help="what this host can do, what will be used, and how to fix what is missing")
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])

@@ -175,6 +175,23 @@ def test_keep_on_failure_leaves_the_vm_up_and_says_how_to_reach_it(
         assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids), text[-2000:]
         state = json.loads((workdir / "vm.json").read_text())
         assert state["qemu_pid"] in pids and state["token"]
+        # microvm attach reaches the kept VM: the agent reconnects, a command runs in it.
+        attach = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest_microvm.cli",
+                "attach",
+                str(workdir),
+                "--",
+                "sh",
+                "-c",
+                "echo attached; exit 4",
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+        assert (attach.returncode, attach.stdout) == (4, b"attached\n"), attach.stderr
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
