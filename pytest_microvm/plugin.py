@@ -42,6 +42,7 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("vcpus", "int", "1", "guest vCPUs (under TCG one is fastest)"),
     ("boot-timeout", "float", "120", "seconds a guest may take to become ready"),
     ("cache-dir", "path", None, "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)"),
+    ("features", "str", None, "image features, comma-separated: ssh (dropbear, for vm.ssh())"),
 ]
 
 
@@ -149,11 +150,13 @@ def microvm_image(pytestconfig: pytest.Config) -> GuestImage:
         if reporter is not None:
             reporter.write_line(f"microvm image: {message}")
 
+    features = tuple(f.strip() for f in (_setting(pytestconfig, "features") or "").split(",") if f.strip())
     return build_image(
         kernel=_setting(pytestconfig, "kernel"),
         modules=_setting(pytestconfig, "modules"),
         cache=_setting(pytestconfig, "cache-dir"),
         progress=progress,
+        features=features,
     )
 
 

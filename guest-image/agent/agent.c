@@ -15,7 +15,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -992,9 +994,11 @@ static int usage(void)
 {
 	fprintf(stderr, "usage: microvm-agent [--unix PATH] [--token TOKEN] [--once]\n"
 			"       microvm-agent --connect CID:PORT | --listen PORT | --echo PORT\n"
+			"       microvm-agent --forward VSOCK_PORT TCP_PORT\n"
 			"  As PID 1 it reads microvm.port/cid/token from /proc/cmdline.\n"
 			"  The tool modes relay stdin/stdout over one vsock connection (--echo:\n"
-			"  echo every connection back) for tests of the vsock path.\n");
+			"  echo every connection back) for tests of the vsock path; --forward relays\n"
+			"  each vsock connection to a TCP port on the guest's loopback.\n");
 	return 2;
 }
 
@@ -1059,6 +1063,30 @@ static int vsock_listener(unsigned port)
 	return fd;
 }
 
+/* --forward VPORT TCPPORT: each vsock connection to VPORT is relayed to 127.0.0.1:TCPPORT
+ * in the guest, so host programs reach TCP services (sshd, a web server under test)
+ * without any network device. */
+static int forward(unsigned vport, unsigned tcp_port)
+{
+	int lfd = vsock_listener(vport);
+	signal(SIGCHLD, SIG_IGN);
+	for (;;) {
+		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+		if (fd < 0)
+			continue;
+		if (fork() == 0) {
+			close(lfd);
+			struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)tcp_port),
+						 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+			int tcp = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+			if (tcp < 0 || connect(tcp, (struct sockaddr *)&a, sizeof a) < 0)
+				_exit(1); /* closing the vsock side tells the host */
+			_exit(relay(fd, tcp, tcp));
+		}
+		close(fd);
+	}
+}
+
 static int tool(const char *mode, const char *arg)
 {
 	signal(SIGPIPE, SIG_IGN);
@@ -1104,6 +1132,8 @@ int main(int argc, char **argv)
 	if (!cfg.pid1 && argc == 3 && (!strcmp(argv[1], "--connect") || !strcmp(argv[1], "--listen") ||
 				       !strcmp(argv[1], "--echo")))
 		return tool(argv[1], argv[2]);
+	if (!cfg.pid1 && argc == 4 && !strcmp(argv[1], "--forward"))
+		return forward((unsigned)strtoul(argv[2], NULL, 10), (unsigned)strtoul(argv[3], NULL, 10));
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--unix") && i + 1 < argc)
 			cfg.unix_path = argv[++i];

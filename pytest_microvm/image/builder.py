@@ -28,6 +28,7 @@ from pytest_microvm.image.sources import (
     debian_kernel,
     find_busybox,
     sha256_bytes,
+    ssh_bundle,
     user_kernel,
 )
 
@@ -35,6 +36,7 @@ from pytest_microvm.image.sources import (
 BUILDER_VERSION = "2"
 AGENT_CFLAGS = ("-static", "-O2", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 MANIFEST = "manifest.json"
+KNOWN_FEATURES = frozenset({"ssh"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class GuestImage:
     agent_version: str
     modules: tuple[str, ...]
     key: str
+    features: tuple[str, ...] = ()
+    ssh_host_key: str | None = None  # "ssh-ed25519 AAAA...", with the ssh feature
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
@@ -62,6 +66,8 @@ class GuestImage:
             agent_version=data["agent_version"],
             modules=tuple(data["modules"]),
             key=data["key"],
+            features=tuple(data.get("features", ())),
+            ssh_host_key=data.get("ssh_host_key"),
         )
 
 
@@ -102,7 +108,9 @@ def _agent_version(agent: Path) -> str:
     return out.stdout.strip()
 
 
-def _write_initramfs(out: Path, agent: Path, busybox: Path, modules: tuple[Path, ...]) -> None:
+def _write_initramfs(
+    out: Path, agent: Path, busybox: Path, modules: tuple[Path, ...], extra_root: Path | None = None
+) -> None:
     applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
     with out.open("wb") as fh:
         w = CpioWriter(fh)
@@ -145,6 +153,15 @@ def _write_initramfs(out: Path, agent: Path, busybox: Path, modules: tuple[Path,
         w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         w.file("etc/group", b"root:x:0:\n")
         w.file("etc/hostname", b"microvm\n")
+        if extra_root is not None:  # a feature's tree (e.g. dropbear and its libraries), as it is
+            made = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "lib", "var", "mnt", "root", "tmp", "dev"}
+            for path in sorted(extra_root.rglob("*")):
+                rel = path.relative_to(extra_root).as_posix()
+                if path.is_dir():
+                    if rel not in made:
+                        w.directory(rel)
+                else:
+                    w.file(rel, path.read_bytes(), path.stat().st_mode & 0o7777)
         w.close()
 
 
@@ -154,13 +171,18 @@ def build_image(
     modules: str | os.PathLike[str] | None = None,
     cache: str | os.PathLike[str] | None = None,
     progress: Progress = lambda _m: None,
+    features: tuple[str, ...] = (),
 ) -> GuestImage:
     """Build (or find in the cache) the guest image and return it.
 
     ``kernel``: a bzImage, vmlinux or kernel .deb; default Debian's linux-image-amd64.
     ``modules``: that kernel's ``lib/modules/<release>`` tree, if its vsock and virtio
     drivers are modules (a .deb brings its own).
+    ``features``: optional extras; ``("ssh",)`` adds dropbear for ``MicroVM.ssh()``.
     """
+    unknown = set(features) - KNOWN_FEATURES
+    if unknown:
+        raise ImageError(f"unknown image feature(s) {sorted(unknown)}; known: {sorted(KNOWN_FEATURES)}")
     root = default_cache_dir(cache)
     if kernel is None:
         kfiles: KernelFiles = debian_kernel(root, progress)
@@ -168,6 +190,7 @@ def build_image(
         kfiles = user_kernel(Path(kernel), Path(modules) if modules else None, root, progress)
     agent = build_agent(root, progress)
     busybox = find_busybox(root, progress)
+    ssh = ssh_bundle(root, progress) if "ssh" in features else None
     key = sha256_bytes(
         json.dumps(
             {
@@ -176,6 +199,8 @@ def build_image(
                 "busybox": sha256_bytes(busybox.read_bytes()),
                 "kernel": kfiles.identity,
                 "modules": [m.name for m in kfiles.modules],
+                "features": sorted(features),
+                "ssh": ssh.root.parent.name if ssh else None,
             },
             sort_keys=True,
         ).encode()
@@ -200,7 +225,7 @@ def build_image(
                 data = raw
         (staging / kernel_name).write_bytes(data)
         progress(f"writing the initramfs (busybox, agent, {len(kfiles.modules)} modules)")
-        _write_initramfs(staging / "initramfs.cpio", agent, busybox, kfiles.modules)
+        _write_initramfs(staging / "initramfs.cpio", agent, busybox, kfiles.modules, ssh.root if ssh else None)
         manifest = {
             "key": key,
             "kernel": kernel_name,
@@ -209,6 +234,8 @@ def build_image(
             "kernel_release": kfiles.release,
             "agent_version": _agent_version(agent),
             "modules": [m.name for m in kfiles.modules],
+            "features": sorted(features),
+            "ssh_host_key": ssh.host_key if ssh else None,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

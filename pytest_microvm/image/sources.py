@@ -158,8 +158,8 @@ def _from_deb(deb: Path, dest: Path, progress: Progress) -> None:
 APT_LISTS = Path("/var/lib/apt/lists")  # rewritten by `apt-get update`, and only then
 
 
-def _resolve_package(cache: Path, package: str) -> tuple[str, str]:
-    """(real package, version) of a kernel metapackage.
+def _resolve_package(cache: Path, package: str, *, meta: bool = True) -> tuple[str, str]:
+    """(real package, version): for a metapackage (``meta``), of the package it depends on.
 
     Asking apt-cache costs about two seconds, paid on every boot if done each time; the
     answer only changes when `apt-get update` rewrites the package lists, so it is
@@ -167,7 +167,7 @@ def _resolve_package(cache: Path, package: str) -> tuple[str, str]:
     """
     lists = sorted(APT_LISTS.glob("*Packages*"))
     stamp = package + "".join(f"|{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in lists) if lists else None
-    memo = cache / "kernels" / "resolved.json"
+    memo = cache / "apt" / f"{package}.json"
     if stamp is not None:
         try:
             known = json.loads(memo.read_text())
@@ -175,10 +175,12 @@ def _resolve_package(cache: Path, package: str) -> tuple[str, str]:
                 return str(known["real"]), str(known["version"])
         except (OSError, ValueError, KeyError):
             pass
-    # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
-    deps = _run(["apt-cache", "depends", package], f"looking up {package}")
-    m = re.search(r"Depends: (linux-image-\S+)", deps)
-    real = m.group(1) if m else package
+    real = package
+    if meta:
+        # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
+        deps = _run(["apt-cache", "depends", package], f"looking up {package}")
+        m = re.search(r"Depends: (linux-image-\S+)", deps)
+        real = m.group(1) if m else package
     version = _deb_version(real)
     if stamp is not None:
         memo.parent.mkdir(parents=True, exist_ok=True)
@@ -239,3 +241,71 @@ def describe_kernel(kernel: str | None, cache: Path) -> str:
     except ImageError as exc:
         return f"unknown ({exc})"
     return f"{real.removeprefix('linux-image-')} (Debian {real} {version})"
+
+
+SSH_PACKAGES = ("dropbear-bin", "libtomcrypt1", "libtommath1", "openssh-sftp-server")
+SSH_HOST_KEY = "/etc/dropbear/dropbear_ed25519_host_key"
+
+
+@dataclass(frozen=True)
+class SshBundle:
+    """dropbear and the shared libraries it needs, laid out as they go into the guest."""
+
+    root: Path  # a tree to copy into the initramfs as it is
+    host_key: str  # the public host key ("ssh-ed25519 AAAA..."), for the client to verify
+
+
+def ssh_bundle(cache: Path, progress: Progress) -> SshBundle:
+    """Debian's dropbear (dynamically linked) with its libraries and a generated host key."""
+    if not shutil.which("apt-get") or not shutil.which("ldd"):
+        raise ImageError("the ssh image feature needs apt-get and ldd (Debian/Ubuntu) to fetch dropbear")
+    versions = [_resolve_package(cache, pkg, meta=False)[1] for pkg in SSH_PACKAGES]
+    key = hashlib.sha256(" ".join(versions).encode()).hexdigest()[:16]
+    final = cache / "ssh" / key
+
+    def build(staging: Path) -> None:
+        progress(f"downloading dropbear {versions[0]} and its libraries")
+        unpacked = staging / "x"
+        for pkg in SSH_PACKAGES:
+            _run(["dpkg-deb", "-x", str(_apt_download(pkg, staging)), str(unpacked)], f"unpacking {pkg}")
+        libdirs = ":".join(str(p) for p in unpacked.glob("usr/lib/*-linux-gnu"))
+        env = {**os.environ, "LD_LIBRARY_PATH": libdirs}
+        root = staging / "root"
+        dropbear = unpacked / "usr" / "sbin" / "dropbear"
+        sftp = unpacked / "usr" / "lib" / "openssh" / "sftp-server"
+        # Debian's dropbear runs /usr/lib/sftp-server for SFTP sessions.
+        files = {"/usr/sbin/dropbear": dropbear, "/usr/lib/sftp-server": sftp}
+        needed = "".join(
+            subprocess.run(["ldd", str(b)], capture_output=True, text=True, env=env, check=True).stdout
+            for b in (dropbear, sftp)
+        )
+        for line in needed.splitlines():
+            m = re.search(r"(\S+) => (\S+)", line) or re.match(r"\s*(/\S+)", line)
+            if m is None or "not found" in line:
+                if "not found" in line:
+                    raise ImageError(f"dropbear needs a library apt did not bring: {line.strip()}")
+                continue
+            host_path = Path(m.group(2) if m.lastindex == 2 else m.group(1))
+            guest = str(host_path)
+            if str(host_path).startswith(str(unpacked)):
+                guest = "/" + str(host_path.relative_to(unpacked))
+            files[guest] = host_path.resolve()
+        for guest, src in files.items():
+            dest = root / guest.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+            dest.chmod(0o755)
+        key_file = root / SSH_HOST_KEY.lstrip("/")
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        out = subprocess.run(
+            [str(unpacked / "usr" / "bin" / "dropbearkey"), "-t", "ed25519", "-f", str(key_file)],
+            capture_output=True, text=True, env=env, check=True,
+        ).stdout  # fmt: skip
+        pub = next(line for line in out.splitlines() if line.startswith("ssh-ed25519 "))
+        (staging / "host_key.pub").write_text(" ".join(pub.split()[:2]) + "\n")
+        shutil.rmtree(unpacked)
+        for deb in staging.glob("*.deb"):
+            deb.unlink()
+
+    cached_build(final, build)
+    return SshBundle(final / "root", (final / "host_key.pub").read_text().strip())

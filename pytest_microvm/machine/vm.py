@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import paramiko
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
 from pytest_microvm.channel.kernel import DEFAULT_PORT, KernelVsockListener
@@ -43,6 +44,7 @@ from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import CONSOLE_TAIL, QemuProcess, qemu_argv
 from pytest_microvm.machine.qmp import Monitor
+from pytest_microvm.machine.ssh import GuestSsh
 from pytest_microvm.result import CommandResult
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ class MicroVM:
         self._listener: UnixListener | KernelVsockListener | None = None
         self._cid_claim: Claim | None = None
         self._client: AgentClient | None = None
+        self._ssh: GuestSsh | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -289,6 +292,8 @@ class MicroVM:
         self.runstate = Runstate.STOPPING
         deadline = time.monotonic() + timeout
         try:
+            if self._ssh is not None:
+                self._ssh.close()
             if self.qemu is not None and self.qemu.returncode() is None and graceful:
                 self._graceful_poweroff(deadline)
         finally:
@@ -397,6 +402,16 @@ class MicroVM:
 
     def write_file(self, remote: str, data: bytes, *, mode: int = 0o644) -> None:
         self._guard(lambda: self.client.write_file(remote, data, mode=mode))
+
+    def ssh(self, timeout: float = 30.0) -> paramiko.SSHClient:
+        """A connected paramiko SSHClient (exec, SFTP) to root in the guest, over vsock.
+
+        Needs an image with the ``ssh`` feature. Clients are closed when the VM stops.
+        """
+        if self._ssh is None:
+            self._ssh = GuestSsh(self)
+        ssh = self._ssh
+        return self._guard(lambda: ssh.connect(timeout))
 
     def console(self) -> str:
         """Everything the guest printed on its serial console so far."""

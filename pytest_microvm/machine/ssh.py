@@ -1,0 +1,105 @@
+"""SSH into a guest through paramiko, over vsock: no network device, no port forwarding.
+
+For tests that need SSH semantics (SFTP, an SSH client library under test) and as the
+benchmark baseline. The image must have the ``ssh`` feature (dropbear). The first call
+puts a fresh client key into the guest's authorized_keys, starts dropbear on the guest's
+loopback and ``microvm-agent --forward 22 22`` (vsock port 22 to TCP 127.0.0.1:22); every
+client is a new vsock connection, and the host key is checked against the one the image
+builder generated. (dropbear's inetd mode cannot serve a vsock socket: it resolves the
+peer's address, which for AF_VSOCK fails.)
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import paramiko
+
+from pytest_microvm.errors import ConnectionLost, MicroVMError
+from pytest_microvm.image.sources import SSH_HOST_KEY
+
+if TYPE_CHECKING:
+    from pytest_microvm.client import Process
+    from pytest_microvm.machine.vm import MicroVM
+
+SSH_PORT = 22
+_key_lock = threading.Lock()
+_client_key: paramiko.RSAKey | None = None
+
+
+def _key() -> paramiko.RSAKey:
+    """One client key per process: generating RSA keys costs a noticeable fraction of a second."""
+    global _client_key
+    with _key_lock:
+        if _client_key is None:
+            _client_key = paramiko.RSAKey.generate(2048)
+        return _client_key
+
+
+class GuestSsh:
+    """The SSH side of one VM: the server job in the guest and the clients made to it."""
+
+    def __init__(self, vm: MicroVM) -> None:
+        image = vm.config.image
+        if image is None or "ssh" not in image.features or not image.ssh_host_key:
+            raise MicroVMError(
+                "this VM's image has no SSH server: build it with build_image(features=('ssh',)) "
+                "(pytest: --microvm-features ssh)"
+            )
+        self.vm = vm
+        kind, b64 = image.ssh_host_key.split()[:2]
+        if kind != "ssh-ed25519":
+            raise MicroVMError(f"unexpected host key type {kind}")
+        self.host_key = paramiko.Ed25519Key(data=base64.b64decode(b64))
+        self._server: Process | None = None
+        self.clients: list[paramiko.SSHClient] = []
+
+    def _start_server(self) -> None:
+        key = _key()
+        self.vm.run("mkdir -p /root/.ssh && chmod 700 /root/.ssh", check=True)
+        self.vm.write_file("/root/.ssh/authorized_keys", f"{key.get_name()} {key.get_base64()}\n".encode(), mode=0o600)
+        # -s: no passwords; -r: the image's key; -p: loopback only (vsock is the way in).
+        self.vm.run(f"/usr/sbin/dropbear -s -r {SSH_HOST_KEY} -p 127.0.0.1:{SSH_PORT} -P /run/dropbear.pid", check=True)
+        self._server = self.vm.start_process(f"exec microvm-agent --forward {SSH_PORT} {SSH_PORT} >/dev/null 2>&1")
+
+    def connect(self, timeout: float = 30.0) -> paramiko.SSHClient:
+        if self._server is None:
+            self._start_server()
+        deadline = time.monotonic() + timeout
+        while True:  # the server's listener comes up a moment after it starts
+            try:
+                sock = self.vm.connect(SSH_PORT, timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ConnectionLost:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client = paramiko.SSHClient()
+        client.get_host_keys().add("microvm", "ssh-ed25519", self.host_key)
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        try:
+            client.connect(
+                "microvm",
+                username="root",
+                pkey=_key(),
+                sock=sock,  # type: ignore[arg-type,unused-ignore]  # any socket-like object will do
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+            )
+        except BaseException:
+            client.close()
+            sock.close()
+            raise
+        self.clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()

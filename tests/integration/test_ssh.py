@@ -1,0 +1,62 @@
+"""SSH through paramiko into a real guest (dropbear, the image's ssh feature), over vsock."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from pytest_microvm import GuestImage, MicroVM, MicroVMError, VMConfig, build_image
+
+
+@pytest.fixture(scope="module")
+def ssh_image(microvm_image: GuestImage) -> GuestImage:
+    return build_image(features=("ssh",), cache=microvm_image.directory.parents[1])
+
+
+@pytest.fixture(scope="module")
+def vm(ssh_image: GuestImage) -> Iterator[MicroVM]:
+    with MicroVM(VMConfig(image=ssh_image)) as machine:
+        yield machine
+
+
+def test_exec_over_ssh(vm: MicroVM) -> None:
+    client = vm.ssh()
+    _stdin, stdout, stderr = client.exec_command("echo out; echo err >&2; exit 3", timeout=60)
+    assert stdout.read() == b"out\n" and stderr.read() == b"err\n"
+    assert stdout.channel.recv_exit_status() == 3
+
+
+def test_sftp_round_trip(vm: MicroVM, tmp_path: Path) -> None:
+    data = os.urandom(1024 * 1024 + 5)
+    (tmp_path / "up").write_bytes(data)
+    sftp = vm.ssh().open_sftp()
+    sftp.put(str(tmp_path / "up"), "/tmp/up")
+    assert vm.run(["sha256sum", "/tmp/up"]).stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    sftp.get("/tmp/up", str(tmp_path / "down"))
+    assert (tmp_path / "down").read_bytes() == data
+    sftp.close()
+
+
+def test_several_clients_at_once(vm: MicroVM) -> None:
+    clients = [vm.ssh() for _ in range(3)]
+    outs = [c.exec_command(f"echo {i}")[1].read() for i, c in enumerate(clients)]
+    assert outs == [b"0\n", b"1\n", b"2\n"]
+
+
+def test_a_wrong_host_key_is_refused(vm: MicroVM, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert vm._ssh is not None
+    monkeypatch.setattr(vm._ssh, "host_key", paramiko.Ed25519Key(data=bytes.fromhex(
+        "0000000b7373682d656432353531390000002000" + "11" * 31
+    )))  # fmt: skip
+    with pytest.raises(paramiko.SSHException):
+        vm.ssh(timeout=20)
+
+
+def test_an_image_without_ssh_says_how_to_get_it(microvm_image: GuestImage) -> None:
+    with MicroVM(VMConfig(image=microvm_image)) as plain, pytest.raises(MicroVMError, match="features=\\('ssh',\\)"):
+        plain.ssh()
