@@ -1,7 +1,8 @@
 """QMP through qemu.qmp: the VM's status, pause/resume, and quit.
 
-We bind the QMP socket and QEMU connects to it as a client, so there is no window in
-which QEMU is up but its monitor socket does not exist yet.
+QEMU serves its monitor on a Unix socket (``server=on,wait=off``) and we connect once the
+guest is up: by then the socket certainly exists, and a QEMU that fails early leaves no
+half-made QMP session behind on our side.
 """
 
 from __future__ import annotations
@@ -20,25 +21,27 @@ class MonitorError(MicroVMError):
 
 
 class Monitor:
-    """One QMP connection to one QEMU (server side)."""
+    """One QMP connection to one QEMU (client side)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._qmp = QEMUMonitorProtocol(str(path), server=True, nickname=path.parent.name)
-        self._connected = False
+        self._qmp: QEMUMonitorProtocol | None = None
 
     def qemu_args(self) -> list[str]:
-        return ["-chardev", f"socket,id=qmp,path={self.path}", "-mon", "chardev=qmp,mode=control"]
+        return ["-chardev", f"socket,id=qmp,path={self.path},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
 
-    def accept(self, timeout: float) -> None:
+    def connect(self) -> None:
+        qmp = QEMUMonitorProtocol(str(self.path), nickname=self.path.parent.name)
         try:
-            self._qmp.accept(timeout)
+            qmp.connect()
         except Exception as exc:  # qemu.qmp raises its own tree; callers want ours
-            raise MonitorError(f"QEMU did not connect to its monitor socket: {exc}") from exc
-        self._connected = True
+            with contextlib.suppress(Exception):
+                qmp.close()
+            raise MonitorError(f"cannot connect to QEMU's monitor at {self.path}: {exc}") from exc
+        self._qmp = qmp
 
     def command(self, name: str, **args: Any) -> dict[str, Any]:
-        if not self._connected:
+        if self._qmp is None:
             raise MonitorError(f"QMP {name}: the monitor is not connected")
         try:
             reply = self._qmp.cmd_obj({"execute": name, "arguments": args})
@@ -62,7 +65,8 @@ class Monitor:
         self.command("quit")
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):  # closing a monitor whose QEMU is gone is not an error
-            self._qmp.close()
-        self._connected = False
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):  # closing a monitor whose QEMU is gone is not an error
+                self._qmp.close()
+            self._qmp = None
         self.path.unlink(missing_ok=True)

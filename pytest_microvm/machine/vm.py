@@ -43,7 +43,7 @@ from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import CONSOLE_TAIL, QemuProcess, qemu_argv
-from pytest_microvm.machine.qmp import Monitor
+from pytest_microvm.machine.qmp import Monitor, MonitorError
 from pytest_microvm.machine.ssh import GuestSsh
 from pytest_microvm.result import CommandResult
 
@@ -208,12 +208,17 @@ class MicroVM:
         self.qemu = QemuProcess(argv, console, self.workdir / "qemu.stderr", die_with_parent=not cfg.keep)
         self.qemu.start()
         deadline = started + cfg.boot_timeout
-        self.monitor.accept(timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+        # Waiting for the agent also watches QEMU, the console and the backend, so a QEMU
+        # that refused its arguments is reported at once, with its stderr.
         self._client = self._await_agent(deadline)
         try:
             self._client.probe(timeout=max(1.0, deadline - time.monotonic()))
         except MicroVMError as exc:
             raise self._failure(f"the probe failed: {exc}", BootError) from exc
+        try:
+            self.monitor.connect()  # QEMU made its monitor socket long before the guest was up
+        except MonitorError as exc:
+            raise self._failure(f"QEMU's monitor did not answer ({exc})", BootError) from exc
         self._write_state(port)
 
     def _await_agent(self, deadline: float) -> AgentClient:
@@ -359,8 +364,12 @@ class MicroVM:
         try:
             return call()
         except ConnectionLost as exc:
-            time.sleep(0.2)  # let QEMU finish dying, so the diagnosis sees it
-            self._raise_if_dead(GuestError)
+            # The connection usually drops because the guest died; give QEMU (a panic, a
+            # kill) a moment to finish dying so the error can say so. Bounded: 3 s.
+            until = time.monotonic() + 3.0
+            while time.monotonic() < until:
+                self._raise_if_dead(GuestError)
+                time.sleep(0.05)
             raise self._failure(f"lost the agent connection: {exc}") from exc
 
     def run(

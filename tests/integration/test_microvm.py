@@ -185,3 +185,13 @@ def test_a_deep_work_directory_still_gets_its_sockets(microvm_image: GuestImage,
     finally:
         vm.stop()
     assert not sockdir.exists() and list(deep.iterdir()) == []
+
+
+def test_qemu_refusing_its_arguments_is_a_boot_error_with_its_stderr(microvm_image: GuestImage) -> None:
+    vm = MicroVM(VMConfig(image=microvm_image, qemu_args=("-no-such-option",)))
+    start = time.monotonic()
+    with pytest.raises(BootError, match="QEMU exited with status 1") as info:
+        vm.start()
+    assert "no-such-option" in info.value.qemu_stderr
+    assert time.monotonic() - start < 30
+    assert vm.runstate is Runstate.STOPPED
