@@ -1,0 +1,192 @@
+"""pytest-microvm beside its peers, in one run: one table of medians and ratios.
+
+    .venv/bin/python bench/peers.py [--runs 3] [--install-modules]
+
+1. a command in a fresh VM: `microvm run -- true` vs virtme-ng
+   (`vng --run <same kernel> --disable-kvm --force-9p --exec true`; --disable-kvm only
+   where KVM is unusable). virtme-ng needs the kernel's modules in /lib/modules/<release>;
+   --install-modules puts the image kernel's there (root; it changes the host).
+2. exec round trip and 64 MiB of stdout: the agent vs paramiko SSH, same VM
+3. 4 VMs booted at once vs one after another (VMs per minute)
+4. host memory per VM: QEMU + backend RSS, guest RAM (shared memfd pages) excluded
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pytest_microvm import GuestImage, MicroVM, VMConfig, build_image
+from pytest_microvm.cache import cache_dir
+from pytest_microvm.machine import choose, detect_host
+
+MIB = 1 << 20
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess[bytes]]:
+    start = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    return time.monotonic() - start, proc
+
+
+def vng_setup(image: GuestImage, install: bool) -> tuple[list[str] | None, str]:
+    vng = shutil.which("vng")
+    if vng is None:
+        return None, "virtme-ng not installed (pip install virtme-ng)"
+    kernel_dir = next((cache_dir() / "kernels").glob(f"*{image.kernel_release}*/"), None)
+    if kernel_dir is None:
+        return None, "the image's kernel is not in the cache"
+    moddir = Path("/lib/modules") / image.kernel_release
+    if not moddir.exists():
+        if not install:
+            return None, f"virtme-ng needs {moddir}; rerun with --install-modules (root, changes the host)"
+        # Our cache keeps only the modules the image needs; virtme needs the package's tree.
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["apt-get", "download", f"linux-image-{image.kernel_release}"], cwd=tmp, check=True)
+            deb = next(Path(tmp).glob("*.deb"))
+            subprocess.run(["dpkg-deb", "-x", str(deb), "/"], check=True)
+        subprocess.run(["depmod", image.kernel_release], check=True)
+    argv = [vng, "--run", str(kernel_dir / "kernel"), "--force-9p"]
+    if not detect_host().kvm.usable:
+        argv.append("--disable-kvm")
+    return argv, "ok"
+
+
+def fresh_vm_command(image: GuestImage, runs: int, install: bool) -> list[str]:
+    ours_argv = [sys.executable, "-m", "pytest_microvm.cli", "run", "--", "true"]
+    vng_argv, why = vng_setup(image, install)
+    ours, theirs = [], []
+    for i in range(runs):
+        t, proc = timed(ours_argv)
+        assert proc.returncode == 0, proc.stderr
+        ours.append(t)
+        if vng_argv is not None:
+            # vng exits 255 here even when the command ran; check that it did, not its status.
+            t, proc = timed([*vng_argv, "--verbose", "--exec", "echo VNG-RAN-IT"])
+            if b"VNG-RAN-IT" not in proc.stdout + proc.stderr:
+                raise RuntimeError(f"virtme-ng did not run the command: {proc.stderr[-1000:]!r}")
+            theirs.append(t)
+        say(f"fresh VM {i + 1}/{runs}: microvm run {ours[-1]:.2f}s" + (f", vng {theirs[-1]:.2f}s" if theirs else ""))
+    mo = statistics.median(ours)
+    if not theirs:
+        return [f"command in a fresh VM (s)      {mo:10.2f} {'-':>12} {'-':>8}   virtme-ng: {why}"]
+    mt = statistics.median(theirs)
+    return [f"command in a fresh VM (s)      {mo:10.2f} {mt:12.2f} {mt / mo:7.1f}x  faster than virtme-ng"]
+
+
+def agent_vs_ssh(image: GuestImage, runs: int) -> list[str]:
+    ssh_image = build_image(features=("ssh",))
+    with MicroVM(VMConfig(image=ssh_image, memory_mib=512)) as vm:
+        client = vm.ssh()
+
+        def ssh_exec(cmd: str) -> bytes:
+            _in, out, _err = client.exec_command(cmd)
+            data = out.read()
+            out.channel.recv_exit_status()
+            return data
+
+        for _ in range(5):
+            vm.run(["true"])
+            ssh_exec("true")
+        agent_rtt, ssh_rtt = [], []
+        for _ in range(50):
+            t = time.perf_counter()
+            vm.run(["true"])
+            agent_rtt.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ssh_exec("true")
+            ssh_rtt.append(time.perf_counter() - t)
+        agent_tp, ssh_tp = [], []
+        # dd with 64 KiB blocks: busybox head/cat read 4 KiB at a time, which under TCG
+        # is slower than either channel and would measure the command, not the channel.
+        cmd = "dd if=/dev/zero bs=65536 count=1024 2>/dev/null"
+        for i in range(runs):
+            t = time.perf_counter()
+            assert len(vm.run(cmd, timeout=300).stdout) == 64 * MIB
+            agent_tp.append(64 * MIB / (time.perf_counter() - t) / 1e6)
+            t = time.perf_counter()
+            assert len(ssh_exec(cmd)) == 64 * MIB
+            ssh_tp.append(64 * MIB / (time.perf_counter() - t) / 1e6)
+            say(f"stdout 64 MiB {i + 1}/{runs}: agent {agent_tp[-1]:.0f} MB/s, ssh {ssh_tp[-1]:.0f} MB/s")
+    ar, sr = statistics.median(agent_rtt) * 1e3, statistics.median(ssh_rtt) * 1e3
+    at, st = statistics.median(agent_tp), statistics.median(ssh_tp)
+    return [
+        f"exec round trip `true` (ms)    {ar:10.1f} {sr:12.1f} {ar / sr:7.2f}x  of SSH's time",
+        f"64 MiB stdout (MB/s)           {at:10.0f} {st:12.0f} {at / st:7.1f}x  SSH's throughput",
+    ]
+
+
+def vms_per_minute(image: GuestImage) -> list[str]:
+    def cycle() -> None:
+        with MicroVM(VMConfig(image=image)) as vm:
+            vm.run(["true"], check=True)
+
+    start = time.monotonic()
+    for _ in range(4):
+        cycle()
+    sequential = time.monotonic() - start
+    start = time.monotonic()
+    threads = [threading.Thread(target=cycle) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    parallel = time.monotonic() - start
+    say(f"4 VMs: one after another {sequential:.1f}s, at once {parallel:.1f}s")
+    seq_rate, par_rate = 4 * 60 / sequential, 4 * 60 / parallel
+    return [f"VMs per minute (at once/seq.)  {par_rate:10.1f} {seq_rate:12.1f} {par_rate / seq_rate:7.2f}x"]
+
+
+def host_memory(image: GuestImage) -> list[str]:
+    def private_kib(pid: int) -> int:
+        # Anonymous + file-backed resident memory; guest RAM is the shared memfd (RssShmem),
+        # which both QEMU and the backend map: excluded, it is the guest's, not the VM's cost.
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return int(fields["RssAnon"].split()[0]) + int(fields["RssFile"].split()[0])
+
+    with MicroVM(VMConfig(image=image)) as vm:
+        vm.run(["true"])
+        assert vm.qemu is not None and vm.qemu.pid is not None and vm.vsock is not None and vm.vsock.pid
+        qemu, backend = private_kib(vm.qemu.pid), private_kib(vm.vsock.pid)
+    total = (qemu + backend) / 1024
+    return [f"host memory per VM (MiB)       {total:10.1f} {'-':>12} {'-':>8}   QEMU {qemu / 1024:.1f} + backend "
+            f"{backend / 1024:.1f}, guest RAM excluded"]  # fmt: skip
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--install-modules", action="store_true", help="let virtme-ng find the kernel's modules")
+    args = ap.parse_args()
+    image, host = build_image(), detect_host()
+    rows = []
+    rows += fresh_vm_command(image, args.runs, args.install_modules)
+    rows += agent_vs_ssh(image, args.runs)
+    rows += vms_per_minute(image)
+    rows += host_memory(image)
+    print(f"path: {choose(host).why}; QEMU {host.qemu_version}; kernel {image.kernel_release}; "
+          f"{os.cpu_count()} cores; medians of {args.runs}")  # fmt: skip
+    print(f"{'':31}{'microvm':>10} {'peer':>12} {'ratio':>8}")
+    for row in rows:
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
