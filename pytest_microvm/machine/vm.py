@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import shutil
 import socket
 import tempfile
@@ -145,6 +146,7 @@ class MicroVM:
         self._cid_claim: Claim | None = None
         self._client: AgentClient | None = None
         self._ssh: GuestSsh | None = None
+        self._forwards: dict[int, Process] = {}
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -454,6 +456,34 @@ class MicroVM:
         if self.vsock is None:
             raise MicroVMError("connect() to guest ports needs the userspace vsock flavour here")
         return self.vsock.connect(port, timeout)
+
+    def tcp(self, port: int, timeout: float = 30.0) -> socket.socket:
+        """A connection to TCP ``port`` on the guest's loopback (a service under test).
+
+        The agent forwards vsock port ``port`` to it (``microvm-agent --forward``), started
+        on first use; no network device is involved. Retries while the service starts.
+        """
+        if port not in self._forwards:
+            self._forwards[port] = self.start_process(f"exec microvm-agent --forward {port} {port} >/dev/null 2>&1")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock = self.connect(port, timeout=max(1.0, deadline - time.monotonic()))
+            except ConnectionLost:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+                continue
+            # The forwarder closes the connection at once when nothing listens on the TCP
+            # port yet: give it a moment to say so before handing the socket out.
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            if readable and not sock.recv(1, socket.MSG_PEEK):
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise ConnectionLost(f"nothing listens on TCP port {port} in the guest")
+                time.sleep(0.1)
+                continue
+            return sock  # open: quiet, or the service spoke first (a banner)
 
     def listen(self, port: int) -> UnixListener:
         """Where guest connections to CID 2 port ``port`` arrive (userspace flavour)."""
