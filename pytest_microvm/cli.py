@@ -307,7 +307,15 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # SIGTERM (a script stopping us) and SIGHUP (the terminal closed) unwind like Ctrl-C:
+    # the VM's context manager stops it and removes its directory on the way out.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))

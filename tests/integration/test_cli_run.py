@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from pytest_microvm import GuestImage
 
@@ -28,3 +33,27 @@ def test_run_reports_death_by_signal_as_128_plus_n(microvm_image: GuestImage) ->
 def test_run_without_a_command_is_a_usage_error() -> None:
     proc = microvm("run")
     assert proc.returncode == 2 and b"nothing to run" in proc.stderr
+
+
+def test_sigterm_or_sighup_to_the_cli_leaves_nothing_behind(microvm_image: GuestImage, tmp_path: Path) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a script stopping it; a closed terminal
+        workroot = Path(tempfile.mkdtemp(prefix="cli-", dir="/tmp"))  # short: sockets live here too
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_microvm.cli", "run", "--", "sleep", "60"],
+            env={**os.environ, "TMPDIR": str(workroot)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not list(workroot.glob("microvm-*/vm.json")):  # written once the VM is ready
+                assert proc.poll() is None and time.monotonic() < deadline, "the VM never came up"
+                time.sleep(0.1)
+            proc.send_signal(sig)
+            assert proc.wait(60) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert list(workroot.iterdir()) == [], f"{sig.name} left {list(workroot.iterdir())}"
+        workroot.rmdir()
