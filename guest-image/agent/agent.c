@@ -220,6 +220,13 @@ static void close_fd(int *fd)
 	*fd = -1;
 }
 
+static void close_fds(const int *fds, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+}
+
 static void job_free(struct job *j)
 {
 	close_fd(&j->in_fd);
@@ -481,10 +488,7 @@ static void start_exec(uint32_t id, struct cursor *c)
 		in[1] = fcntl(master, F_DUPFD_CLOEXEC, 3);
 		if (pipe2(ep, O_CLOEXEC) || out[1] < 0 || err[1] < 0 || in[1] < 0) {
 			int e = errno;
-			int all[] = { in[0], in[1], out[0], out[1], err[1], ep[0], ep[1] };
-			for (size_t i = 0; i < sizeof all / sizeof *all; i++)
-				if (all[i] >= 0)
-					close(all[i]);
+			close_fds((int[]){ in[0], in[1], out[0], out[1], err[0], err[1], ep[0], ep[1] }, 8);
 			free(env);
 			job_fail(j, e, "pty");
 			goto out;
@@ -492,10 +496,7 @@ static void start_exec(uint32_t id, struct cursor *c)
 	} else if (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) ||
 	    ((flags & EXEC_STDIN_PIPE) && pipe2(in, O_CLOEXEC))) {
 		int e = errno;
-		int all[] = { in[0], in[1], out[0], out[1], err[0], err[1], ep[0], ep[1] };
-		for (size_t i = 0; i < sizeof all / sizeof *all; i++)
-			if (all[i] >= 0)
-				close(all[i]);
+		close_fds((int[]){ in[0], in[1], out[0], out[1], err[0], err[1], ep[0], ep[1] }, 8);
 		free(env);
 		job_fail(j, e, "pipe");
 		goto out;
