@@ -1064,12 +1064,10 @@ static int vsock_listener(unsigned port)
 	return fd;
 }
 
-/* --forward VPORT TCPPORT: each vsock connection to VPORT is relayed to 127.0.0.1:TCPPORT
- * in the guest, so host programs reach TCP services (sshd, a web server under test)
- * without any network device. */
-static int forward(unsigned vport, unsigned tcp_port)
+/* Accept connections on vsock PORT forever; a child runs handle(fd, arg) for each. */
+static int serve_forever(unsigned port, int (*handle)(int fd, unsigned arg), unsigned arg)
 {
-	int lfd = vsock_listener(vport);
+	int lfd = vsock_listener(port);
 	signal(SIGCHLD, SIG_IGN);
 	for (;;) {
 		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
@@ -1077,15 +1075,29 @@ static int forward(unsigned vport, unsigned tcp_port)
 			continue;
 		if (fork() == 0) {
 			close(lfd);
-			struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)tcp_port),
-						 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-			int tcp = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-			if (tcp < 0 || connect(tcp, (struct sockaddr *)&a, sizeof a) < 0)
-				_exit(1); /* closing the vsock side tells the host */
-			_exit(relay(fd, tcp, tcp));
+			_exit(handle(fd, arg));
 		}
 		close(fd);
 	}
+}
+
+static int echo_connection(int fd, unsigned unused)
+{
+	(void)unused;
+	return relay(fd, fd, fd);
+}
+
+/* --forward VPORT TCPPORT: each vsock connection to VPORT is relayed to 127.0.0.1:TCPPORT
+ * in the guest, so host programs reach TCP services (sshd, a web server under test)
+ * without any network device. */
+static int forward_connection(int fd, unsigned tcp_port)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)tcp_port),
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int tcp = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (tcp < 0 || connect(tcp, (struct sockaddr *)&a, sizeof a) < 0)
+		return 1; /* closing the vsock side tells the host */
+	return relay(fd, tcp, tcp);
 }
 
 static int tool(const char *mode, const char *arg)
@@ -1105,23 +1117,13 @@ static int tool(const char *mode, const char *arg)
 		}
 		return relay(fd, 0, 1);
 	}
-	int lfd = vsock_listener((unsigned)strtoul(arg, NULL, 10));
-	if (!strcmp(mode, "--listen")) { /* one connection, relayed to stdio */
-		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-		close(lfd);
-		return fd < 0 ? 1 : relay(fd, 0, 1);
-	}
-	signal(SIGCHLD, SIG_IGN); /* --echo: every connection echoed by a child, forever */
-	for (;;) {
-		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (fd < 0)
-			continue;
-		if (fork() == 0) {
-			close(lfd);
-			_exit(relay(fd, fd, fd));
-		}
-		close(fd);
-	}
+	unsigned port = (unsigned)strtoul(arg, NULL, 10);
+	if (strcmp(mode, "--listen"))
+		return serve_forever(port, echo_connection, 0); /* --echo */
+	int lfd = vsock_listener(port); /* --listen: one connection, relayed to stdio */
+	int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	close(lfd);
+	return fd < 0 ? 1 : relay(fd, 0, 1);
 }
 
 /* ---- main loop -------------------------------------------------------------- */
@@ -1134,7 +1136,8 @@ int main(int argc, char **argv)
 				       !strcmp(argv[1], "--echo")))
 		return tool(argv[1], argv[2]);
 	if (!cfg.pid1 && argc == 4 && !strcmp(argv[1], "--forward"))
-		return forward((unsigned)strtoul(argv[2], NULL, 10), (unsigned)strtoul(argv[3], NULL, 10));
+		return serve_forever((unsigned)strtoul(argv[2], NULL, 10), forward_connection,
+				     (unsigned)strtoul(argv[3], NULL, 10));
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--unix") && i + 1 < argc)
 			cfg.unix_path = argv[++i];
