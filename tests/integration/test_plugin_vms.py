@@ -131,6 +131,13 @@ def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, sha
         stderr=subprocess.STDOUT,
     )
     try:
+        _interrupt_during_boot(proc, workroot)
+    finally:
+        shutil.rmtree(workroot, ignore_errors=True)  # also when the test fails
+
+
+def _interrupt_during_boot(proc: subprocess.Popen[bytes], workroot: Path) -> None:
+    try:
         deadline = time.monotonic() + 120
         while not any("qemu-system" in p for p in _processes_mentioning(str(workroot))):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -149,7 +156,6 @@ def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, sha
         time.sleep(0.1)
     assert _processes_mentioning(str(workroot)) == []
     assert [p.name for p in workroot.iterdir() if p.name.startswith("microvm-")] == []
-    shutil.rmtree(workroot)
 
 
 def test_keep_on_failure_leaves_the_vm_up_and_says_how_to_reach_it(
