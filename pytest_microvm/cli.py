@@ -29,6 +29,7 @@ from pytest_microvm.errors import MicroVMError
 from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.sources import describe_kernel
 from pytest_microvm.machine import MicroVM, QemuProcess, VMConfig, choose, detect_host, qemu_argv
+from pytest_microvm.result import CommandResult
 
 
 def _progress() -> Callable[[str], None]:
@@ -87,6 +88,20 @@ def cmd_image_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream(proc: Process) -> CommandResult:
+    """Copy a guest command's stdout and stderr to ours as they come; return its result."""
+    sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    while (chunk := proc.read()) is not None:
+        sinks[chunk[0]].write(chunk[1])
+        sinks[chunk[0]].flush()
+    return proc.wait()
+
+
+def _exit_status(result: CommandResult) -> int:
+    """The shell's convention: the exit code, or 128+N for death by signal N."""
+    return 128 + result.signal if result.signal else result.exit_code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Boot a VM, run one command with its output streamed as it comes, power off."""
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -101,15 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     with MicroVM(config, name="run") as vm:
         if vm.choice and vm.choice.accel == "tcg":
             print(f"microvm: running under TCG ({vm.choice.why})", file=sys.stderr)
-        proc = vm.start_process(command, timeout=args.timeout)
-        sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-        while (chunk := proc.read()) is not None:
-            sinks[chunk[0]].write(chunk[1])
-            sinks[chunk[0]].flush()
-        result = proc.wait()
+        result = _stream(vm.start_process(command, timeout=args.timeout))
     if result.timed_out:
         print(f"microvm: the command timed out after {args.timeout}s", file=sys.stderr)
-    return 128 + result.signal if result.signal else result.exit_code
+    return _exit_status(result)
 
 
 def _terminal_size() -> tuple[int, int]:
@@ -163,7 +173,7 @@ def _interactive_shell(start: Callable[..., Process]) -> int:
         signal.signal(signal.SIGWINCH, previous_winch)
         if saved is not None:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
-    return 128 + result.signal if result.signal else result.exit_code
+    return _exit_status(result)
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
@@ -196,13 +206,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
             print(f"microvm: attached to {state.get('name', 'vm')} (QEMU pid {pid}); exit leaves it running",
                   file=sys.stderr)  # fmt: skip
             return _interactive_shell(lambda **kw: agent.start(["/bin/sh", "-i"], **kw))
-        proc = agent.start(command)
-        sinks = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-        while (chunk := proc.read()) is not None:
-            sinks[chunk[0]].write(chunk[1])
-            sinks[chunk[0]].flush()
-        result = proc.wait()
-        return 128 + result.signal if result.signal else result.exit_code
+        return _exit_status(_stream(agent.start(command)))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_microvm.cache import cache_dir as default_cache_dir
@@ -241,10 +241,4 @@ def build_image(
 
     if cached_build(final, build):
         progress(f"built image {key}")
-    image = GuestImage.load(final)
-    return image
-
-
-def image_summary(image: GuestImage) -> dict[str, str]:
-    """The image as printable strings (for the CLI and the pytest header)."""
-    return {k: str(v) if not isinstance(v, tuple) else " ".join(v) for k, v in asdict(image).items()}
+    return GuestImage.load(final)
