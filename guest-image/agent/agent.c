@@ -20,6 +20,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -441,6 +442,85 @@ static char **build_env(char **extra, uint32_t n)
 	return env;
 }
 
+/* Where execvp would find argv0, searched in the command's own PATH (posix_spawnp and
+ * execvpe search the agent's, which as PID 1 is the kernel's minimal one). Relative
+ * PATH entries are relative to the command's cwd, so they are checked there and
+ * passed on as they are (the spawn changes directory before it executes). */
+static int find_program(const char *argv0, char *const env[], const char *cwd, char *path, size_t size)
+{
+	if (strchr(argv0, '/')) {
+		if ((size_t)snprintf(path, size, "%s", argv0) >= size)
+			return ENAMETOOLONG;
+		return 0;
+	}
+	const char *dirs = "/usr/sbin:/usr/bin:/sbin:/bin";
+	for (char *const *e = env; *e; e++)
+		if (!strncmp(*e, "PATH=", 5))
+			dirs = *e + 5;
+	int found_denied = 0;
+	for (const char *d = dirs;; d++) {
+		const char *end = strchrnul(d, ':');
+		int n = end - d;
+		char check[4096];
+		size_t len = (size_t)snprintf(path, size, "%.*s%s%s", n, d, n ? "/" : "", argv0);
+		if (len < size && (size_t)snprintf(check, sizeof check, "%s/%s", path[0] == '/' ? "" : cwd,
+		    path) < sizeof check) {
+			struct stat st;
+			if (!stat(check, &st) && S_ISREG(st.st_mode)) {
+				if (!access(check, X_OK))
+					return 0;
+				found_denied = 1;
+			}
+		}
+		if (!*end)
+			break;
+		d = end;
+	}
+	return found_denied ? EACCES : ENOENT;
+}
+
+/* Start a job's process with posix_spawn: glibc's clone(CLONE_VM|CLONE_VFORK) copies no
+ * page tables, which under TCG is most of what starting a command costs. The child
+ * starts a new session; with a pty (`tty`: its slave's name) it opens the terminal as
+ * stdin without O_NOCTTY, which makes it the session's controlling terminal. Returns 0
+ * or the errno of whatever failed (a missing program, a bad cwd, ...). */
+static int spawn(pid_t *pid, char *const argv[], char *const env[], const char *cwd, const char *tty,
+    int in, int out, int err)
+{
+	char path[4096];
+	int rc = find_program(argv[0], env, cwd, path, sizeof path);
+	if (rc)
+		return rc;
+	posix_spawnattr_t attr;
+	posix_spawn_file_actions_t fa;
+	sigset_t none, dfl;
+	sigemptyset(&none);
+	sigemptyset(&dfl);
+	sigaddset(&dfl, SIGPIPE); /* the agent ignores SIGPIPE; commands get the default */
+	if ((rc = posix_spawnattr_init(&attr)))
+		return rc;
+	if ((rc = posix_spawn_file_actions_init(&fa))) {
+		posix_spawnattr_destroy(&attr);
+		return rc;
+	}
+	rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+	rc = rc ? rc : posix_spawnattr_setsigmask(&attr, &none);
+	rc = rc ? rc : posix_spawnattr_setsigdefault(&attr, &dfl);
+	if (tty)
+		rc = rc ? rc : posix_spawn_file_actions_addopen(&fa, 0, tty, O_RDWR, 0);
+	else if (in >= 0)
+		rc = rc ? rc : posix_spawn_file_actions_adddup2(&fa, in, 0);
+	else
+		rc = rc ? rc : posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+	rc = rc ? rc : posix_spawn_file_actions_adddup2(&fa, out, 1);
+	rc = rc ? rc : posix_spawn_file_actions_adddup2(&fa, err, 2);
+	rc = rc ? rc : posix_spawn_file_actions_addchdir_np(&fa, cwd);
+	rc = rc ? rc : posix_spawn(pid, path, &fa, &attr, argv, env);
+	posix_spawn_file_actions_destroy(&fa);
+	posix_spawnattr_destroy(&attr);
+	return rc;
+}
+
 static void start_exec(uint32_t id, struct cursor *c)
 {
 	uint32_t flags = cur_u32(c), timeout = cur_u32(c), argc = 0, envc = 0;
@@ -461,8 +541,9 @@ static void start_exec(uint32_t id, struct cursor *c)
 	if (!j)
 		goto out;
 	char **env = build_env(envv, envc);
-	int in[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 }, ep[2] = { -1, -1 };
+	int in[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 };
 	int master = -1;
+	char pts[64] = "";
 	if (!env) {
 		job_fail(j, ENOMEM, "environment");
 		goto out;
@@ -472,7 +553,7 @@ static void start_exec(uint32_t id, struct cursor *c)
 		 * in[0]/out[1]/err[1]; the master is read as stdout and written as stdin. */
 		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 		char *name = master >= 0 && !grantpt(master) && !unlockpt(master) ? ptsname(master) : NULL;
-		int slave = name ? open(name, O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
+		int slave = name && strlen(name) < sizeof pts ? open(name, O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
 		if (slave < 0) {
 			int e = errno;
 			if (master >= 0)
@@ -481,55 +562,32 @@ static void start_exec(uint32_t id, struct cursor *c)
 			job_fail(j, e, "openpty");
 			goto out;
 		}
+		strcpy(pts, name);
 		in[0] = slave;
 		out[1] = fcntl(slave, F_DUPFD_CLOEXEC, 3);
 		err[1] = fcntl(slave, F_DUPFD_CLOEXEC, 3);
 		out[0] = master;
 		in[1] = fcntl(master, F_DUPFD_CLOEXEC, 3);
-		if (pipe2(ep, O_CLOEXEC) || out[1] < 0 || err[1] < 0 || in[1] < 0) {
+		if (out[1] < 0 || err[1] < 0 || in[1] < 0) {
 			int e = errno;
-			close_fds((int[]){ in[0], in[1], out[0], out[1], err[0], err[1], ep[0], ep[1] }, 8);
+			close_fds((int[]){ in[0], in[1], out[0], out[1], err[0], err[1] }, 6);
 			free(env);
 			job_fail(j, e, "pty");
 			goto out;
 		}
-	} else if (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) || pipe2(ep, O_CLOEXEC) ||
+	} else if (pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC) ||
 	    ((flags & EXEC_STDIN_PIPE) && pipe2(in, O_CLOEXEC))) {
 		int e = errno;
-		close_fds((int[]){ in[0], in[1], out[0], out[1], err[0], err[1], ep[0], ep[1] }, 8);
+		close_fds((int[]){ in[0], in[1], out[0], out[1], err[0], err[1] }, 6);
 		free(env);
 		job_fail(j, e, "pipe");
 		goto out;
 	}
-	pid_t pid = fork();
-	if (pid == 0) {
-		sigset_t none;
-		sigemptyset(&none);
-		sigprocmask(SIG_SETMASK, &none, NULL);
-		signal(SIGPIPE, SIG_DFL);
-		setsid();
-		if (flags & EXEC_PTY)
-			ioctl(in[0], TIOCSCTTY, 0); /* job control and ^C need a controlling terminal */
-		int nul = (flags & EXEC_STDIN_PIPE) ? in[0] : open("/dev/null", O_RDONLY);
-		if (dup2(nul, 0) < 0 || dup2(out[1], 1) < 0 || dup2(err[1], 2) < 0 ||
-		    chdir(cwd[0] ? cwd : "/") < 0) {
-			int e = errno;
-			(void)!write(ep[1], &e, sizeof e);
-			_exit(127);
-		}
-		/* execvpe() would search the agent's own PATH (as PID 1, the kernel's minimal
-		 * environment); the command's PATH is the one that counts. */
-		environ = env;
-		execvp(argv[0], argv);
-		int e = errno;
-		(void)!write(ep[1], &e, sizeof e);
-		_exit(127);
-	}
-	int fork_errno = errno;
+	pid_t pid = -1;
+	int spawn_errno = spawn(&pid, argv, env, cwd[0] ? cwd : "/", pts[0] ? pts : NULL, in[0], out[1], err[1]);
 	free(env);
 	close(out[1]);
 	close(err[1]);
-	close(ep[1]);
 	if (in[0] >= 0)
 		close(in[0]);
 	j->out_fd = out[0];
@@ -537,24 +595,11 @@ static void start_exec(uint32_t id, struct cursor *c)
 	j->in_fd = in[1];
 	j->pty = (flags & EXEC_PTY) != 0;
 	j->in_open = in[1] >= 0;
-	if (pid < 0) {
-		close(ep[0]);
-		job_fail(j, fork_errno, "fork");
+	if (spawn_errno) {
+		job_fail(j, spawn_errno, argv[0]);
 		goto out;
 	}
 	j->pid = pid;
-	/* The child reports a failed chdir/exec through the close-on-exec pipe; EOF
-	 * without data means execvp succeeded. The wait is as short as an exec. */
-	int child_errno = 0;
-	ssize_t r;
-	do
-		r = read(ep[0], &child_errno, sizeof child_errno);
-	while (r < 0 && errno == EINTR);
-	close(ep[0]);
-	if (r == (ssize_t)sizeof child_errno) {
-		job_fail(j, child_errno, argv[0]);
-		goto out;
-	}
 	set_nonblock(j->out_fd);
 	set_nonblock(j->err_fd);
 	if (j->in_fd >= 0)

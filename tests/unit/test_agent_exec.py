@@ -259,6 +259,40 @@ def test_program_is_looked_up_in_the_commands_path(client: AgentClient, tmp_path
     assert client.run(["only-here"], env={"PATH": f"{tmp_path}:/bin:/usr/bin"}).stdout == b"found\n"
 
 
+def test_path_search_skips_files_that_are_not_executable(client: AgentClient, tmp_path: Path) -> None:
+    # As execvp does: a match without the execute bit is passed over for a later one,
+    # and if that was the only match the error is EACCES, not ENOENT.
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first, second):
+        d.mkdir()
+    (first / "tool").write_text("#!/bin/sh\necho first\n")  # not executable
+    (second / "tool").write_text("#!/bin/sh\necho second\n")
+    (second / "tool").chmod(0o755)
+    assert client.run(["tool"], env={"PATH": f"{first}:{second}:/bin"}).stdout == b"second\n"
+    with pytest.raises(AgentError, match="tool") as info:
+        client.run(["tool"], env={"PATH": f"{first}:/bin"})
+    assert info.value.code == 13  # EACCES
+
+
+def test_relative_program_and_path_entries_are_relative_to_cwd(client: AgentClient, tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    tool = tmp_path / "bin" / "rel"
+    tool.write_text("#!/bin/sh\necho relative\n")
+    tool.chmod(0o755)
+    assert client.run(["./bin/rel"], cwd=str(tmp_path)).stdout == b"relative\n"
+    assert client.run(["rel"], cwd=str(tmp_path), env={"PATH": "bin:/bin"}).stdout == b"relative\n"
+
+
+def test_commands_get_default_sigpipe_and_an_empty_signal_mask(client: AgentClient) -> None:
+    # The agent ignores SIGPIPE and blocks the signals it reads through a signalfd;
+    # neither may leak into commands (`yes | head` must end by SIGPIPE, not spin).
+    status = client.run(["cat", "/proc/self/status"], check=True).stdout.decode()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert int(fields["SigBlk"], 16) == 0
+    assert int(fields["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1)) == 0
+    assert client.run("yes | head -c 3", timeout=10).stdout == b"y\ny"
+
+
 def test_pty_gives_a_controlling_terminal_with_size_and_interrupt(client: AgentClient) -> None:
     proc = client.start(["sh", "-c", "stty size; tty; read line; echo got:$line"], pty=(33, 101))
     out = b""
