@@ -20,8 +20,9 @@ from pytest_microvm.errors import ImageError
 _XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 # What the guest needs for a virtio vsock device on PCI or MMIO transports, plus
-# virtio-console (virtio-serial ports: the benchmark's reference channel), in load
-# order; each module's own dependencies are added before it.
+# virtio-console (virtio-serial ports: the benchmark's reference channel) and virtio-net
+# (the user-mode network), in load order; each module's own dependencies are added
+# before it.
 GUEST_MODULES = (
     "virtio_ring",
     "virtio",
@@ -33,6 +34,7 @@ GUEST_MODULES = (
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "virtio_console",
+    "virtio_net",  # for VMConfig(network=True); without a NIC it only registers a driver
 )
 
 _DECOMPRESSORS = (

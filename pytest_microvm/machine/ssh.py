@@ -1,20 +1,26 @@
-"""SSH into a guest through paramiko, over vsock: no network device, no port forwarding.
+"""SSH into a guest through paramiko, over vsock or over QEMU's user-mode network.
 
 For tests that need SSH semantics (SFTP, an SSH client library under test) and as the
 benchmark baseline. The image must have the ``ssh`` feature (dropbear). The first call
-puts a fresh client key into the guest's authorized_keys, starts dropbear on the guest's
-loopback and ``microvm-agent --forward 22 22`` (vsock port 22 to TCP 127.0.0.1:22); every
-client is a new vsock connection, and the host key is checked against the one the image
-builder generated. (dropbear's inetd mode cannot serve a vsock socket: it resolves the
-peer's address, which for AF_VSOCK fails.)
+puts a fresh client key into the guest's authorized_keys and starts dropbear; every
+client is a new connection, and the host key is checked against the one the image
+builder generated.
+
+Two ways in:
+- ``vsock`` (default; no network device): ``microvm-agent --forward 22 22`` relays vsock
+  port 22 to TCP 127.0.0.1:22 in the guest. (dropbear's inetd mode cannot serve a vsock
+  socket: it resolves the peer's address, which for AF_VSOCK fails.)
+- ``network`` (``VMConfig(network=True)``): plain TCP to the host port QEMU forwards to
+  the guest's port 22, as SSH to any machine would go.
 """
 
 from __future__ import annotations
 
 import base64
+import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 
@@ -26,6 +32,7 @@ if TYPE_CHECKING:
     from pytest_microvm.machine.vm import MicroVM
 
 SSH_PORT = 22
+TRANSPORTS = ("vsock", "network")
 _key_lock = threading.Lock()
 _client_key: paramiko.RSAKey | None = None
 
@@ -61,22 +68,33 @@ class GuestSsh:
         key = _key()
         self.vm.run("mkdir -p /root/.ssh && chmod 700 /root/.ssh", check=True)
         self.vm.write_file("/root/.ssh/authorized_keys", f"{key.get_name()} {key.get_base64()}\n".encode(), mode=0o600)
-        # -s: no passwords; -r: the image's key; -p: loopback only (vsock is the way in).
-        self.vm.run(f"/usr/sbin/dropbear -s -r {SSH_HOST_KEY} -p 127.0.0.1:{SSH_PORT} -P /run/dropbear.pid", check=True)
+        # -s: no passwords; -r: the image's key; -p: loopback only unless the VM has a
+        # network (vsock reaches loopback through the relay below).
+        listen = str(SSH_PORT) if self.vm.config.network else f"127.0.0.1:{SSH_PORT}"
+        self.vm.run(f"/usr/sbin/dropbear -s -r {SSH_HOST_KEY} -p {listen} -P /run/dropbear.pid", check=True)
         self._server = self.vm.start_process(f"exec microvm-agent --forward {SSH_PORT} {SSH_PORT} >/dev/null 2>&1")
 
-    def connect(self, timeout: float = 30.0) -> paramiko.SSHClient:
-        if self._server is None:
-            self._start_server()
-        deadline = time.monotonic() + timeout
+    def _socket(self, transport: str, deadline: float) -> Any:
+        """A connected stream to dropbear: the agent's vsock relay, or QEMU's forwarded port."""
+        host_port = self.vm.forwarded_ports.get(SSH_PORT, 0)
+        if transport == "network" and not host_port:
+            raise MicroVMError("this VM has no network: boot it with VMConfig(network=True) for SSH over the network")
         while True:  # the server's listener comes up a moment after it starts
             try:
-                sock = self.vm.connect(SSH_PORT, timeout=max(1.0, deadline - time.monotonic()))
-                break
-            except ConnectionLost:
+                if transport == "network":
+                    return socket.create_connection(("127.0.0.1", host_port), max(1.0, deadline - time.monotonic()))
+                return self.vm.connect(SSH_PORT, timeout=max(1.0, deadline - time.monotonic()))
+            except (ConnectionLost, ConnectionRefusedError, ConnectionResetError):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    def connect(self, timeout: float = 30.0, transport: str = "vsock") -> paramiko.SSHClient:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r}: one of {', '.join(TRANSPORTS)}")
+        if self._server is None:
+            self._start_server()
+        sock = self._socket(transport, time.monotonic() + timeout)
         client = paramiko.SSHClient()
         client.get_host_keys().add("microvm", "ssh-ed25519", self.host_key)
         client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -85,7 +103,7 @@ class GuestSsh:
                 "microvm",
                 username="root",
                 pkey=_key(),
-                sock=sock,  # type: ignore[arg-type,unused-ignore]  # any socket-like object will do
+                sock=sock,
                 look_for_keys=False,
                 allow_agent=False,
                 timeout=timeout,

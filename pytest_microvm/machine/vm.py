@@ -41,6 +41,7 @@ from pytest_microvm.errors import (
     MicroVMError,
 )
 from pytest_microvm.image import GuestImage, build_image
+from pytest_microvm.machine import network
 from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import CONSOLE_TAIL, QemuProcess, qemu_argv
@@ -77,6 +78,9 @@ class VMConfig:
     port: int = DEFAULT_PORT  # vsock port the agent connects to
     keep: bool = False  # boot detached so it can outlive this process, and leave it running at stop()
     workdir: Path | None = None  # where the per-VM directory goes (default: the system temp dir)
+    # A NIC on QEMU's user-mode network (guest 10.0.2.15, NAT to the host's network), with
+    # guest TCP port 22 forwarded from 127.0.0.1 (vm.ssh(transport="network")).
+    network: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
 
     def __post_init__(self) -> None:
@@ -95,6 +99,7 @@ class VMConfig:
 
 
 _GUEST_CID = 3  # with the userspace backend every VM has its own CID space
+NETWORK_FORWARDS = (22,)  # guest TCP ports reachable from 127.0.0.1 with config.network
 _warned_tcg = False
 
 
@@ -147,6 +152,7 @@ class MicroVM:
         self._client: AgentClient | None = None
         self._ssh: GuestSsh | None = None
         self._forwards: dict[int, Process] = {}
+        self.forwarded_ports: dict[int, int] = {}  # with config.network: guest TCP port -> 127.0.0.1 port
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -203,7 +209,12 @@ class MicroVM:
             vcpus=cfg.vcpus,
             cmdline=[f"microvm.token={self.token}", f"microvm.port={port}", *cfg.kernel_cmdline],
             shared_memory=self.choice.vsock == "userspace",
-            extra=[*channel_args, *self.monitor.qemu_args(), *cfg.qemu_args],
+            extra=[
+                *channel_args,
+                *self.monitor.qemu_args(),
+                *(network.qemu_args(NETWORK_FORWARDS) if cfg.network else []),
+                *cfg.qemu_args,
+            ],
         )
         if self._qemu_args_hook is not None:
             argv = self._qemu_args_hook(cfg, argv)
@@ -221,7 +232,23 @@ class MicroVM:
             self.monitor.connect()  # QEMU made its monitor socket long before the guest was up
         except MonitorError as exc:
             raise self._failure(f"QEMU's monitor did not answer ({exc})", BootError) from exc
+        if cfg.network:
+            self._setup_network()
         self._write_state(port)
+
+    def _setup_network(self) -> None:
+        assert self._client is not None and self.monitor is not None
+        r = self._client.run(["sh", "-c", network.GUEST_SETUP], timeout=30)
+        if r.exit_code != 0:
+            raise self._failure(f"configuring the guest's network failed: {r.stderr.decode(errors='replace')}")
+        try:
+            info = str(self.monitor.command("human-monitor-command", **{"command-line": "info usernet"})["return"])
+        except MonitorError as exc:
+            raise self._failure(f"QEMU's monitor did not list the forwarded ports ({exc})", BootError) from exc
+        self.forwarded_ports = network.forwarded_ports(info)
+        missing = set(NETWORK_FORWARDS) - set(self.forwarded_ports)
+        if missing:
+            raise self._failure(f"QEMU did not forward guest port(s) {sorted(missing)}: {info}", BootError)
 
     def _await_agent(self, deadline: float) -> AgentClient:
         """Accept the agent's connection, watching QEMU, the console and the backend meanwhile."""
@@ -277,6 +304,7 @@ class MicroVM:
             "qmp": str(self.monitor.path) if self.monitor else None,
             "sockets": str(self._sockdir),
             "console": str(self.qemu.console_path),
+            "forwarded_ports": {str(guest): host for guest, host in self.forwarded_ports.items()},
         }
         (self.workdir / "vm.json").write_text(json.dumps(state, indent=2) + "\n")
 
@@ -414,15 +442,17 @@ class MicroVM:
     def write_file(self, remote: str, data: bytes, *, mode: int = 0o644) -> None:
         self._guard(lambda: self.client.write_file(remote, data, mode=mode))
 
-    def ssh(self, timeout: float = 30.0) -> paramiko.SSHClient:
-        """A connected paramiko SSHClient (exec, SFTP) to root in the guest, over vsock.
+    def ssh(self, timeout: float = 30.0, transport: str = "vsock") -> paramiko.SSHClient:
+        """A connected paramiko SSHClient (exec, SFTP) to root in the guest.
 
-        Needs an image with the ``ssh`` feature. Clients are closed when the VM stops.
+        ``transport``: ``"vsock"`` (no network device needed) or ``"network"`` (TCP through
+        QEMU's user-mode network; needs ``VMConfig(network=True)``). Needs an image with
+        the ``ssh`` feature. Clients are closed when the VM stops.
         """
         if self._ssh is None:
             self._ssh = GuestSsh(self)
         ssh = self._ssh
-        return self._guard(lambda: ssh.connect(timeout))
+        return self._guard(lambda: ssh.connect(timeout, transport))
 
     def console(self) -> str:
         """Everything the guest printed on its serial console so far."""

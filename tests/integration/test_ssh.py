@@ -1,4 +1,5 @@
-"""SSH through paramiko into a real guest (dropbear, the image's ssh feature), over vsock."""
+"""SSH through paramiko into a real guest (dropbear, the image's ssh feature), over vsock and
+over QEMU's user-mode network."""
 
 from __future__ import annotations
 
@@ -20,21 +21,23 @@ def ssh_image(microvm_image: GuestImage) -> GuestImage:
 
 @pytest.fixture(scope="module")
 def vm(ssh_image: GuestImage) -> Iterator[MicroVM]:
-    with MicroVM(VMConfig(image=ssh_image)) as machine:
+    with MicroVM(VMConfig(image=ssh_image, network=True)) as machine:
         yield machine
 
 
-def test_exec_over_ssh(vm: MicroVM) -> None:
-    client = vm.ssh()
+@pytest.mark.parametrize("transport", ["vsock", "network"])
+def test_exec_over_ssh(vm: MicroVM, transport: str) -> None:
+    client = vm.ssh(transport=transport)
     _stdin, stdout, stderr = client.exec_command("echo out; echo err >&2; exit 3", timeout=60)
     assert stdout.read() == b"out\n" and stderr.read() == b"err\n"
     assert stdout.channel.recv_exit_status() == 3
 
 
-def test_sftp_round_trip(vm: MicroVM, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["vsock", "network"])
+def test_sftp_round_trip(vm: MicroVM, tmp_path: Path, transport: str) -> None:
     data = os.urandom(1024 * 1024 + 5)
     (tmp_path / "up").write_bytes(data)
-    sftp = vm.ssh().open_sftp()
+    sftp = vm.ssh(transport=transport).open_sftp()
     sftp.put(str(tmp_path / "up"), "/tmp/up")
     assert vm.run(["sha256sum", "/tmp/up"]).stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
     sftp.get("/tmp/up", str(tmp_path / "down"))
@@ -43,9 +46,22 @@ def test_sftp_round_trip(vm: MicroVM, tmp_path: Path) -> None:
 
 
 def test_several_clients_at_once(vm: MicroVM) -> None:
-    clients = [vm.ssh() for _ in range(3)]
+    clients = [vm.ssh(), vm.ssh(transport="network"), vm.ssh()]
     outs = [c.exec_command(f"echo {i}")[1].read() for i, c in enumerate(clients)]
     assert outs == [b"0\n", b"1\n", b"2\n"]
+
+
+def test_network_ssh_is_a_plain_tcp_connection_from_the_guests_view(vm: MicroVM) -> None:
+    # Over the network the client comes from QEMU's gateway; over vsock, from loopback.
+    _in, out, _err = vm.ssh(transport="network").exec_command("echo $SSH_CLIENT")
+    assert out.read().split()[0] == b"10.0.2.2"
+    _in, out, _err = vm.ssh().exec_command("echo $SSH_CLIENT")
+    assert out.read().split()[0] == b"127.0.0.1"
+
+
+def test_ssh_over_the_network_needs_a_vm_with_one(ssh_image: GuestImage) -> None:
+    with MicroVM(VMConfig(image=ssh_image)) as no_net, pytest.raises(MicroVMError, match="network=True"):
+        no_net.ssh(transport="network")
 
 
 def test_a_wrong_host_key_is_refused(vm: MicroVM, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,6 +71,8 @@ def test_a_wrong_host_key_is_refused(vm: MicroVM, monkeypatch: pytest.MonkeyPatc
     )))  # fmt: skip
     with pytest.raises(paramiko.SSHException):
         vm.ssh(timeout=20)
+    with pytest.raises(paramiko.SSHException):
+        vm.ssh(timeout=20, transport="network")
 
 
 def test_an_image_without_ssh_says_how_to_get_it(microvm_image: GuestImage) -> None:
