@@ -26,12 +26,15 @@ def spawn(
     argv: Sequence[str],
     *,
     stdin: int | IO[Any] | None = subprocess.DEVNULL,
-    stdout: int | IO[Any] | None = None,
-    stderr: int | IO[Any] | None = None,
+    stdout: int | IO[Any] | None = subprocess.DEVNULL,
+    stderr: int | IO[Any] | None = subprocess.DEVNULL,
     pass_fds: Sequence[int] = (),
     die_with_parent: bool = True,
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` (a list, never a shell string) so that it dies with this process.
+
+    Its stdio is /dev/null unless given: a child that inherited ours would hold the
+    caller's pipes open (``$(microvm run --keep ...)`` would never return).
 
     ``die_with_parent=False`` only for processes the user asked to keep (debugging a
     failed test's VM after pytest exits); they also get their own session.

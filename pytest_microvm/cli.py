@@ -25,9 +25,10 @@ from pytest_microvm import __version__
 from pytest_microvm.cache import cache_dir
 from pytest_microvm.channel import UnixListener, connect_agent
 from pytest_microvm.client import Process
-from pytest_microvm.errors import MicroVMError
+from pytest_microvm.errors import ImageError, MicroVMError
 from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.image.sources import describe_kernel
+from pytest_microvm.image.kernel_build import check_build_tools
+from pytest_microvm.image.sources import KERNEL_HELP, describe_kernel
 from pytest_microvm.machine import MicroVM, QemuProcess, VMConfig, choose, detect_host, qemu_argv
 from pytest_microvm.result import CommandResult
 
@@ -43,6 +44,27 @@ def _progress() -> Callable[[str], None]:
 
 def _build(args: argparse.Namespace) -> GuestImage:
     return build_image(kernel=args.kernel, modules=args.modules, cache=args.cache_dir, progress=_progress())
+
+
+def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
+    """The VMConfig that `run` and `shell` options ask for, with the image built first."""
+    return VMConfig(
+        image=_build(args), memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock,
+        boot_timeout=args.boot_timeout, network=args.network,
+    ).with_(**changes)  # fmt: skip
+
+
+def _vm_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that boot a VM."""
+    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
+    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
+    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
+    p.add_argument("--kernel", help=KERNEL_HELP)
+    p.add_argument("--network", action="store_true", help="give the guest a NIC on QEMU's user-mode network (NAT)")
+    p.add_argument("--boot-timeout", type=float, default=120.0, help="seconds the guest may take to boot")
+    p.add_argument("--modules", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -108,15 +130,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("error: nothing to run: microvm run [options] -- CMD [ARGS...]", file=sys.stderr)
         return 2
-    image = _build(args)
-    config = VMConfig(
-        image=image, memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock,
-        boot_timeout=args.boot_timeout,
-    )  # fmt: skip
+    config = _vm_config(args, keep=args.keep)
     with MicroVM(config, name="run") as vm:
         if vm.choice and vm.choice.accel == "tcg":
             print(f"microvm: running under TCG ({vm.choice.why})", file=sys.stderr)
         result = _stream(vm.start_process(command, timeout=args.timeout))
+        if args.keep:
+            print(f"microvm: the VM stays up; reach it with: microvm attach {vm.workdir}", file=sys.stderr)
     if result.timed_out:
         print(f"microvm: the command timed out after {args.timeout}s", file=sys.stderr)
     return _exit_status(result)
@@ -129,9 +149,7 @@ def _terminal_size() -> tuple[int, int]:
 
 def cmd_shell(args: argparse.Namespace) -> int:
     """Boot a VM and give an interactive shell on a terminal carried by the agent."""
-    image = _build(args)
-    config = VMConfig(image=image, memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock)
-    with MicroVM(config, name="shell") as vm:
+    with MicroVM(_vm_config(args), name="shell") as vm:
         accel = vm.choice.accel if vm.choice else "?"
         print(f"microvm: shell in a {accel} guest; exit or ^D leaves (the VM is removed)", file=sys.stderr)
         return _interactive_shell(lambda **kw: vm.start_process(["/bin/sh", "-i"], **kw))
@@ -176,16 +194,54 @@ def _interactive_shell(start: Callable[..., Process]) -> int:
     return _exit_status(result)
 
 
-def cmd_attach(args: argparse.Namespace) -> int:
-    """Reach a VM left running (--microvm-keep-on-failure): a shell, or one command."""
-    state_path = Path(args.state)
+def _kept_state(path: str) -> tuple[Path, dict[str, object]]:
+    """The vm.json of a kept VM (given it or its directory); MicroVMError if unreadable."""
+    state_path = Path(path)
     if state_path.is_dir():
         state_path = state_path / "vm.json"
     try:
-        state = json.loads(state_path.read_text())
+        return state_path, dict(json.loads(state_path.read_text()))
     except (OSError, ValueError) as exc:
-        print(f"error: cannot read the VM state {state_path}: {exc}", file=sys.stderr)
-        return 2
+        raise MicroVMError(f"cannot read the VM state {state_path}: {exc}") from None
+
+
+def _is_process_of(pid: object, directory: Path) -> bool:
+    """True if ``pid`` runs and its command line names ``directory``: a kept VM's QEMU and
+    backend do (console and sockets live there), a recycled pid almost surely does not."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return os.fsencode(directory) in cmdline
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop a kept VM: its QEMU and vsock backend, then its directories."""
+    state_path, state = _kept_state(args.state)
+    workdir, sockets = state_path.parent, Path(str(state.get("sockets") or state_path.parent))
+    pids = [
+        int(str(state[key]))
+        for key in ("qemu_pid", "backend_pid")
+        if state.get(key) and (_is_process_of(state[key], workdir) or _is_process_of(state[key], sockets))
+    ]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for directory in {workdir, sockets}:
+        shutil.rmtree(directory, ignore_errors=True)
+    print(f"microvm: stopped {state.get('name', 'vm')} ({len(pids)} processes) and removed {workdir}", file=sys.stderr)
+    return 0
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    """Reach a VM left running (--microvm-keep-on-failure, run --keep): a shell, or one command."""
+    _state_path, state = _kept_state(args.state)
     if not state.get("agent_socket"):
         print("error: attach needs a VM on the userspace vsock (its agent socket is a Unix socket)", file=sys.stderr)
         return 2
@@ -195,11 +251,11 @@ def cmd_attach(args: argparse.Namespace) -> int:
         return 1
     # The agent lost its host when the test process exited and keeps reconnecting to this
     # path; the old listener's socket file is stale, so replace it.
-    sock_path = Path(state["agent_socket"])
+    sock_path = Path(str(state["agent_socket"]))
     sock_path.unlink(missing_ok=True)
     with (
         UnixListener(sock_path) as listener,
-        connect_agent(listener, token=state["token"], timeout=args.timeout, name="attach") as agent,
+        connect_agent(listener, token=str(state["token"]), timeout=args.timeout, name="attach") as agent,
     ):
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not command:
@@ -233,6 +289,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cache = cache_dir(args.cache_dir)
     line(True, "cache", str(cache))
     line(True, "kernel", describe_kernel(args.kernel, cache))
+    if args.kernel == "source":
+        try:
+            check_build_tools()
+            line(True, "kernel build", "make, gcc, flex, bison, bc and libelf-dev are installed")
+        except ImageError as exc:
+            line(False, "kernel build", str(exc))
+            ok = False
     for tool, package in (("cc", "gcc libc6-dev"), ("busybox", "busybox-static")):
         found = shutil.which(tool)
         line(found is not None, tool, found or "not found", f"apt-get install {package}")
@@ -258,7 +321,7 @@ def parser() -> argparse.ArgumentParser:
         ("check", cmd_image_check, "build the image, boot it, and check the agent starts as PID 1"),
     ):
         p = image.add_parser(name, help=text, description=text)
-        p.add_argument("--kernel", help="bzImage, vmlinux or kernel .deb (default: Debian's linux-image-amd64)")
+        p.add_argument("--kernel", help=KERNEL_HELP)
         p.add_argument("--modules", help="lib/modules/<release> of --kernel, if it needs modules")
         p.add_argument("--cache-dir", help="cache directory (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)")
         if name == "check":
@@ -271,25 +334,14 @@ def parser() -> argparse.ArgumentParser:
         description="Boot a throw-away VM, run CMD in it with stdout and stderr streamed, power it off, "
         "and exit with CMD's exit code (128+N if it died by signal N).",
     )
-    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
-    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
-    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
-    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
+    _vm_options(p)
     p.add_argument("--timeout", type=float, default=None, help="kill the command after this many seconds")
-    p.add_argument("--boot-timeout", type=float, default=120.0, help="seconds the guest may take to boot")
-    p.add_argument("--kernel", help=argparse.SUPPRESS)
-    p.add_argument("--modules", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    p.add_argument("--keep", action="store_true", help="leave the VM running afterwards (reach it: microvm attach)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("shell", help="boot a VM and open an interactive shell in it (removed on exit)")
-    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
-    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
-    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
-    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
-    for hidden in ("--kernel", "--modules", "--cache-dir"):
-        p.add_argument(hidden, help=argparse.SUPPRESS)
+    _vm_options(p)
     p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("attach", help="reach a VM kept running by --microvm-keep-on-failure: a shell or a command")
@@ -304,6 +356,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel", help="the kernel you would pass to image build")
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("stop", help="stop a kept VM (QEMU and the vsock backend) and remove its directory")
+    p.add_argument("state", help="the kept VM's vm.json, or its directory")
+    p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("cache-dir", help="print the cache directory")
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)

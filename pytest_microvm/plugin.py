@@ -25,7 +25,7 @@ from pytest_microvm import hookspecs
 from pytest_microvm.cache import cache_dir
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.image.sources import describe_kernel
+from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_kernel
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
 
 _VMS = pytest.StashKey[list[MicroVM]]()
@@ -36,7 +36,7 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     # (name, dest type, default, help)
     ("accel", "str", "auto", "auto | kvm | tcg: how guests run (auto: kvm when usable, else tcg, with a warning)"),
     ("vsock", "str", "auto", "auto | kernel | userspace: the vsock device's backend"),
-    ("kernel", "path", None, "guest kernel: bzImage, vmlinux or .deb (default: Debian's linux-image-amd64)"),
+    ("kernel", "kernel", None, KERNEL_HELP),
     ("modules", "path", None, "lib/modules/<release> tree for --microvm-kernel"),
     ("memory", "int", "256", "guest memory in MiB"),
     ("vcpus", "int", "1", "guest vCPUs (under TCG one is fastest)"),
@@ -83,7 +83,9 @@ def _setting(config: pytest.Config, name: str) -> Any:
             return float(value)
     except ValueError:
         raise pytest.UsageError(f"--microvm-{name}: {value!r} is not a number") from None
-    if kind == "path" and not os.path.exists(str(value)):
+    if kind == "kernel" and value in KERNEL_KEYWORDS:
+        return str(value)
+    if kind in ("path", "kernel") and not os.path.exists(str(value)):
         raise pytest.UsageError(f"--microvm-{name}: {value} does not exist")
     return str(value)
 
@@ -251,8 +253,9 @@ def pytest_runtest_makereport(
                     f"microvm {vm.name} kept running",
                     f"state: {vm.workdir / 'vm.json'} (token, sockets, pids)\n"
                     f"console: {vm.workdir / 'console.log'}\nQMP and sockets: see 'qmp' and 'sockets' in vm.json\n"
-                    f"agent: it reconnects to <sockets>/vsock_<agent_port> with the token in vm.json\n"
-                    f"stop it: kill {' '.join(str(p) for p in vm.pids)}; rm -r {vm.workdir}",
+                    f"reach it: microvm attach {vm.workdir}\n"
+                    f"stop it: microvm stop {vm.workdir}\n"
+                    f"  (by hand: kill {' '.join(str(p) for p in vm.pids)}; rm -r {vm.workdir})",
                 )
             )
     return report

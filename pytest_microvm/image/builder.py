@@ -21,6 +21,7 @@ from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
 from pytest_microvm.image.cpio import CpioWriter
 from pytest_microvm.image.kernel import extract_vmlinux, has_pvh_entry, is_elf
+from pytest_microvm.image.kernel_build import source_kernel
 from pytest_microvm.image.sources import (
     KernelFiles,
     Progress,
@@ -175,7 +176,10 @@ def build_image(
 ) -> GuestImage:
     """Build (or find in the cache) the guest image and return it.
 
-    ``kernel``: a bzImage, vmlinux or kernel .deb; default Debian's linux-image-amd64.
+    ``kernel``: ``"debian"`` (the default: Debian's linux-image-amd64), ``"source"`` (a
+    small kernel built from Debian's linux-source with ``guest-image/kernel/microvm.config``:
+    boots in about half the time, built once in a few minutes), or the path of a bzImage,
+    vmlinux or kernel .deb (write ``./source`` for a file named ``source``).
     ``modules``: that kernel's ``lib/modules/<release>`` tree, if its vsock and virtio
     drivers are modules (a .deb brings its own).
     ``features``: optional extras; ``("ssh",)`` adds dropbear for ``MicroVM.ssh()``.
@@ -184,8 +188,12 @@ def build_image(
     if unknown:
         raise ImageError(f"unknown image feature(s) {sorted(unknown)}; known: {sorted(KNOWN_FEATURES)}")
     root = default_cache_dir(cache)
-    if kernel is None:
+    if kernel is None or kernel == "debian":
         kfiles: KernelFiles = debian_kernel(root, progress)
+    elif kernel == "source":
+        if modules:
+            raise ImageError("the kernel built from source has its drivers built in: it takes no module tree")
+        kfiles = source_kernel(root, progress)
     else:
         kfiles = user_kernel(Path(kernel), Path(modules) if modules else None, root, progress)
     agent = build_agent(root, progress)

@@ -40,7 +40,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _run(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
+def run_tool(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
     try:
         proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False)
     except FileNotFoundError:
@@ -60,8 +60,8 @@ def is_static_elf(path: Path) -> bool:
     return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))  # PT_INTERP
 
 
-def _apt_download(package: str, dest: Path) -> Path:
-    _run(["apt-get", "download", package], f"downloading {package}", cwd=dest)
+def apt_download(package: str, dest: Path) -> Path:
+    run_tool(["apt-get", "download", package], f"downloading {package}", cwd=dest)
     debs = sorted(dest.glob(f"{package}_*.deb"))
     if not debs:
         raise ImageError(f"apt-get download {package} produced no .deb")
@@ -69,7 +69,7 @@ def _apt_download(package: str, dest: Path) -> Path:
 
 
 def _deb_version(package: str) -> str:
-    out = _run(["apt-cache", "show", "--no-all-versions", package], f"looking up {package}")
+    out = run_tool(["apt-cache", "show", "--no-all-versions", package], f"looking up {package}")
     m = re.search(r"^Version: (\S+)", out, re.M)
     if not m:
         raise ImageError(f"apt-cache knows no version of {package}: run `apt-get update` first")
@@ -88,8 +88,8 @@ def find_busybox(cache: Path, progress: Progress) -> Path:
 
     def build(staging: Path) -> None:
         progress(f"downloading busybox-static {version}")
-        deb = _apt_download("busybox-static", staging)
-        _run(["dpkg-deb", "-x", str(deb), str(staging / "x")], "unpacking busybox-static")
+        deb = apt_download("busybox-static", staging)
+        run_tool(["dpkg-deb", "-x", str(deb), str(staging / "x")], "unpacking busybox-static")
         shutil.move(staging / "x" / "bin" / "busybox", staging / "busybox")
         shutil.rmtree(staging / "x")
         deb.unlink()
@@ -144,7 +144,7 @@ def _from_deb(deb: Path, dest: Path, progress: Progress) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         progress(f"unpacking {deb.name}")
         root = Path(tmp) / "x"
-        _run(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
+        run_tool(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         if not kernels:
             raise ImageError(f"{deb.name} holds no /boot/vmlinuz-*: not a kernel package")
@@ -158,8 +158,11 @@ def _from_deb(deb: Path, dest: Path, progress: Progress) -> None:
 APT_LISTS = Path("/var/lib/apt/lists")  # rewritten by `apt-get update`, and only then
 
 
-def _resolve_package(cache: Path, package: str, *, meta: bool = True) -> tuple[str, str]:
+def resolve_package(cache: Path, package: str, *, meta: bool = True, provider: str = "linux-image-") -> tuple[str, str]:
     """(real package, version): for a metapackage (``meta``), of the package it depends on.
+
+    ``provider`` is how the real package's name starts (``linux-image-amd64`` depends on
+    ``linux-image-6.1.0-N-amd64``, ``linux-source`` on ``linux-source-6.1``).
 
     Asking apt-cache costs about two seconds, paid on every boot if done each time; the
     answer only changes when `apt-get update` rewrites the package lists, so it is
@@ -178,8 +181,8 @@ def _resolve_package(cache: Path, package: str, *, meta: bool = True) -> tuple[s
     real = package
     if meta:
         # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
-        deps = _run(["apt-cache", "depends", package], f"looking up {package}")
-        m = re.search(r"Depends: (linux-image-\S+)", deps)
+        deps = run_tool(["apt-cache", "depends", package], f"looking up {package}")
+        m = re.search(rf"Depends: ({re.escape(provider)}\S+)", deps)
         real = m.group(1) if m else package
     version = _deb_version(real)
     if stamp is not None:
@@ -194,13 +197,13 @@ def debian_kernel(cache: Path, progress: Progress, package: str = DEFAULT_KERNEL
     """Debian's kernel package, downloaded and unpacked into the cache once per version."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise ImageError("no apt-get/dpkg-deb on this host to fetch Debian's kernel: pass a kernel with --kernel PATH")
-    real, version = _resolve_package(cache, package)
+    real, version = resolve_package(cache, package)
     key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + "-" + _modules_key()
 
     def build(dest: Path) -> None:
         progress(f"downloading {real} {version}")
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            _from_deb(_apt_download(real, Path(tmp)), dest, progress)
+            _from_deb(apt_download(real, Path(tmp)), dest, progress)
 
     final = cache / "kernels" / key
     cached_build(final, build)
@@ -230,14 +233,27 @@ def user_kernel(path: Path, moddir: Path | None, cache: Path, progress: Progress
     return _load_collected(final, key)
 
 
+KERNEL_KEYWORDS = ("debian", "source")
+KERNEL_HELP = (
+    "guest kernel: debian (default; Debian's linux-image-amd64), source (a small kernel built once "
+    "from Debian's linux-source: boots in about half the time), or a bzImage, vmlinux or kernel .deb"
+)
+
+
 def describe_kernel(kernel: str | None, cache: Path) -> str:
     """One line naming the kernel a build would use, without building (for the pytest header)."""
-    if kernel is not None:
+    if kernel == "source":
+        try:
+            real, version = resolve_package(cache, "linux-source", provider="linux-source-")
+        except ImageError as exc:
+            return f"built from source: unknown ({exc})"
+        return f"built from Debian's {real} {version} with microvm.config"
+    if kernel is not None and kernel != "debian":
         return f"{kernel} (given)"
     if not shutil.which("apt-cache"):
         return "none: no apt-cache to find Debian's kernel; pass --microvm-kernel"
     try:
-        real, version = _resolve_package(cache, DEFAULT_KERNEL_PACKAGE)
+        real, version = resolve_package(cache, DEFAULT_KERNEL_PACKAGE)
     except ImageError as exc:
         return f"unknown ({exc})"
     return f"{real.removeprefix('linux-image-')} (Debian {real} {version})"
@@ -259,7 +275,7 @@ def ssh_bundle(cache: Path, progress: Progress) -> SshBundle:
     """Debian's dropbear (dynamically linked) with its libraries and a generated host key."""
     if not shutil.which("apt-get") or not shutil.which("ldd"):
         raise ImageError("the ssh image feature needs apt-get and ldd (Debian/Ubuntu) to fetch dropbear")
-    versions = [_resolve_package(cache, pkg, meta=False)[1] for pkg in SSH_PACKAGES]
+    versions = [resolve_package(cache, pkg, meta=False)[1] for pkg in SSH_PACKAGES]
     key = hashlib.sha256(" ".join(versions).encode()).hexdigest()[:16]
     final = cache / "ssh" / key
 
@@ -267,7 +283,7 @@ def ssh_bundle(cache: Path, progress: Progress) -> SshBundle:
         progress(f"downloading dropbear {versions[0]} and its libraries")
         unpacked = staging / "x"
         for pkg in SSH_PACKAGES:
-            _run(["dpkg-deb", "-x", str(_apt_download(pkg, staging)), str(unpacked)], f"unpacking {pkg}")
+            run_tool(["dpkg-deb", "-x", str(apt_download(pkg, staging)), str(unpacked)], f"unpacking {pkg}")
         libdirs = ":".join(str(p) for p in unpacked.glob("usr/lib/*-linux-gnu"))
         env = {**os.environ, "LD_LIBRARY_PATH": libdirs}
         root = staging / "root"

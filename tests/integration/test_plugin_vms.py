@@ -173,10 +173,12 @@ def test_keep_on_failure_leaves_the_vm_up_and_says_how_to_reach_it(
     result = pytester.runpytest_subprocess("--microvm-keep-on-failure", "-p", "no:cacheprovider", timeout=600)
     result.assert_outcomes(passed=1, failed=1)
     text = "\n".join(result.outlines)
-    result.stdout.fnmatch_lines(["*- microvm vm kept running -*", "state: */vm.json*", "stop it: kill *"])
-    stop_line = next(line for line in result.outlines if line.startswith("stop it: kill "))
-    pids = [int(p) for p in stop_line.removeprefix("stop it: kill ").split(";")[0].split()]
-    workdir = Path(stop_line.split("rm -r ")[1])
+    result.stdout.fnmatch_lines(
+        ["*- microvm vm kept running -*", "state: */vm.json*", "reach it: microvm attach *", "stop it: microvm stop *"]
+    )
+    by_hand = next(line for line in result.outlines if line.startswith("  (by hand: kill "))
+    pids = [int(p) for p in by_hand.removeprefix("  (by hand: kill ").split(";")[0].split()]
+    workdir = Path(by_hand.split("rm -r ")[1].rstrip(")"))
     try:
         assert len(pids) == 2 and all(Path(f"/proc/{p}").exists() for p in pids), text[-2000:]
         state = json.loads((workdir / "vm.json").read_text())
@@ -198,6 +200,10 @@ def test_keep_on_failure_leaves_the_vm_up_and_says_how_to_reach_it(
             timeout=120,
         )
         assert (attach.returncode, attach.stdout) == (4, b"attached\n"), attach.stderr
+        # microvm stop ends both processes and removes the directory.
+        stop = subprocess.run([sys.executable, "-m", "pytest_microvm.cli", "stop", str(workdir)], timeout=60)
+        assert stop.returncode == 0
+        assert not any(Path(f"/proc/{p}").exists() for p in pids) and not workdir.exists()
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
