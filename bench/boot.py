@@ -1,6 +1,6 @@
 """Boot-to-ready of a MicroVM beside a bare boot of the same kernel and initramfs.
 
-    .venv/bin/python bench/boot.py [--runs 7] [--execs 200]
+    .venv/bin/python bench/boot.py [--runs 7] [--execs 200] [--kernel debian|source]
 
 - bare boot: QEMU start → QEMU exit, with an init that powers off at once
   (``rdinit=/sbin/poweroff -- -f``): the floor any harness pays for this kernel
@@ -56,8 +56,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--execs", type=int, default=200)
+    ap.add_argument("--kernel", default="debian", choices=["debian", "source"], help="the image's kernel")
     args = ap.parse_args()
-    image, host = build_image(), detect_host()
+    image, host = build_image(kernel=args.kernel), detect_host()
     choice = choose(host)
     bare: list[float] = []
     up: list[float] = []
@@ -76,7 +77,8 @@ def main() -> int:
             rtt.append(time.perf_counter() - start)
     mb, mu = statistics.median(bare), statistics.median(up)
     print(f"path: {choice.why}")
-    print(f"kernel {image.kernel_release} ({'PVH vmlinux' if image.pvh else 'bzImage'}), QEMU {host.qemu_version}, "
+    print(f"kernel {image.kernel_release} ({args.kernel}, {'PVH vmlinux' if image.pvh else 'bzImage'}), "
+          f"QEMU {host.qemu_version}, "
           f"{args.runs} runs")  # fmt: skip
     print(f"bare boot to poweroff   median {mb:.2f} s")
     print(f"MicroVM boot to ready   median {mu:.2f} s   ratio {mu / mb:.2f}")

@@ -1,14 +1,18 @@
 """pytest-microvm beside its peers, in one run: one table of medians and ratios.
 
-    .venv/bin/python bench/peers.py [--runs 3] [--install-modules]
+    .venv/bin/python bench/peers.py [--runs 3] [--kernel debian|source] [--install-modules]
+
+--kernel picks the image for every row (default: Debian's kernel; `source`: the small
+kernel built from source, see README). virtme-ng boots the same kernel file.
 
 1. a command in a fresh VM: `microvm run -- true` vs virtme-ng
    (`vng --run <same kernel> --disable-kvm --force-9p --exec true`; --disable-kvm only
-   where KVM is unusable). virtme-ng needs the kernel's modules in /lib/modules/<release>;
-   --install-modules puts the image kernel's there (root; it changes the host).
+   where KVM is unusable). With Debian's kernel virtme-ng needs its modules in
+   /lib/modules/<release>; --install-modules puts them there (root; it changes the host).
+   The kernel built from source has everything built in and needs none.
 2. exec round trip and 64 MiB of stdout: the agent vs paramiko SSH, same VM
 3. 4 VMs booted at once vs one after another (VMs per minute)
-4. host memory per VM: QEMU + backend RSS, guest RAM (shared memfd pages) excluded
+4. host memory per VM: QEMU + backend RSS, anonymous and file-backed apart, guest RAM excluded
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pytest_microvm.cache import cache_dir
 from pytest_microvm.machine import choose, detect_host
 
 MIB = 1 << 20
+KERNEL = "debian"  # --kernel
 
 
 def say(message: str) -> None:
@@ -48,11 +53,20 @@ def vng_setup(image: GuestImage, install: bool) -> tuple[list[str] | None, str]:
     vng = shutil.which("vng")
     if vng is None:
         return None, "virtme-ng not installed (pip install virtme-ng)"
-    kernel_dir = next((cache_dir() / "kernels").glob(f"*{image.kernel_release}*/"), None)
+    # The kernel file the image was made from (a bzImage for Debian's, as virtme-ng
+    # expects; the ELF vmlinux for the one built from source).
+    kernel_dir = next(
+        (
+            d
+            for d in sorted((cache_dir() / "kernels").glob("*/"))
+            if (d / "release").is_file() and (d / "release").read_text().strip() == image.kernel_release
+        ),
+        None,
+    )
     if kernel_dir is None:
         return None, "the image's kernel is not in the cache"
     moddir = Path("/lib/modules") / image.kernel_release
-    if not moddir.exists():
+    if image.modules and not moddir.exists():
         if not install:
             return None, f"virtme-ng needs {moddir}; rerun with --install-modules (root, changes the host)"
         # Our cache keeps only the modules the image needs; virtme needs the package's tree.
@@ -68,7 +82,7 @@ def vng_setup(image: GuestImage, install: bool) -> tuple[list[str] | None, str]:
 
 
 def fresh_vm_command(image: GuestImage, runs: int, install: bool) -> list[str]:
-    ours_argv = [sys.executable, "-m", "pytest_microvm.cli", "run", "--", "true"]
+    ours_argv = [sys.executable, "-m", "pytest_microvm.cli", "run", "--kernel", KERNEL, "--", "true"]
     vng_argv, why = vng_setup(image, install)
     ours, theirs = [], []
     for i in range(runs):
@@ -90,7 +104,7 @@ def fresh_vm_command(image: GuestImage, runs: int, install: bool) -> list[str]:
 
 
 def agent_vs_ssh(image: GuestImage, runs: int) -> list[str]:
-    ssh_image = build_image(features=("ssh",))
+    ssh_image = build_image(kernel=KERNEL, features=("ssh",))
     with MicroVM(VMConfig(image=ssh_image, memory_mib=512)) as vm:
         client = vm.ssh()
 
@@ -103,14 +117,18 @@ def agent_vs_ssh(image: GuestImage, runs: int) -> list[str]:
         for _ in range(5):
             vm.run(["true"])
             ssh_exec("true")
-        agent_rtt, ssh_rtt = [], []
-        for _ in range(50):
-            t = time.perf_counter()
-            vm.run(["true"])
-            agent_rtt.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            ssh_exec("true")
-            ssh_rtt.append(time.perf_counter() - t)
+        agent_rtt: list[float] = []
+        ssh_rtt: list[float] = []
+        # Alternating blocks of 10: both sides see the same machine load, and the work
+        # dropbear (or the agent) still does after a call returns (closing the channel,
+        # reaping) does not land in the other side's next timing on the one vCPU.
+        for _ in range(10):
+            for run, times in ((lambda: vm.run(["true"])), agent_rtt), ((lambda: ssh_exec("true")), ssh_rtt):
+                time.sleep(0.05)
+                for _ in range(10):
+                    t = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - t)
         agent_tp, ssh_tp = [], []
         # dd with 64 KiB blocks: busybox head/cat read 4 KiB at a time, which under TCG
         # is slower than either channel and would measure the command, not the channel.
@@ -153,19 +171,22 @@ def vms_per_minute(image: GuestImage) -> list[str]:
 
 
 def host_memory(image: GuestImage) -> list[str]:
-    def private_kib(pid: int) -> int:
-        # Anonymous + file-backed resident memory; guest RAM is the shared memfd (RssShmem),
-        # which both QEMU and the backend map: excluded, it is the guest's, not the VM's cost.
+    def rss_kib(pid: int) -> tuple[int, int]:
+        # (anonymous, file-backed) resident memory. Guest RAM is the shared memfd
+        # (RssShmem) that QEMU and the backend both map: excluded, it is the guest's. The
+        # file-backed part is page cache (QEMU, its libraries, the kernel image it keeps
+        # mapped) that VMs of the same image share; the anonymous part (mostly TCG's
+        # translated code) is what each further VM adds.
         fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-        return int(fields["RssAnon"].split()[0]) + int(fields["RssFile"].split()[0])
+        return int(fields["RssAnon"].split()[0]), int(fields["RssFile"].split()[0])
 
     with MicroVM(VMConfig(image=image)) as vm:
         vm.run(["true"])
         assert vm.qemu is not None and vm.qemu.pid is not None and vm.vsock is not None and vm.vsock.pid
-        qemu, backend = private_kib(vm.qemu.pid), private_kib(vm.vsock.pid)
-    total = (qemu + backend) / 1024
-    return [f"host memory per VM (MiB)       {total:10.1f} {'-':>12} {'-':>8}   QEMU {qemu / 1024:.1f} + backend "
-            f"{backend / 1024:.1f}, guest RAM excluded"]  # fmt: skip
+        (qa, qf), (ba, bf) = rss_kib(vm.qemu.pid), rss_kib(vm.vsock.pid)
+    anon, files = (qa + ba) / 1024, (qf + bf) / 1024
+    return [f"host memory per VM (MiB)       {anon:10.1f} {'-':>12} {'-':>8}   anonymous: QEMU {qa / 1024:.1f} + "
+            f"backend {ba / 1024:.1f}; plus {files:.1f} file-backed, shared by VMs; guest RAM excluded"]  # fmt: skip
 
 
 def main() -> int:
@@ -173,14 +194,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--install-modules", action="store_true", help="let virtme-ng find the kernel's modules")
+    ap.add_argument("--kernel", default="debian", choices=["debian", "source"], help="the image's kernel")
     args = ap.parse_args()
-    image, host = build_image(), detect_host()
+    global KERNEL
+    KERNEL = args.kernel
+    image, host = build_image(kernel=KERNEL), detect_host()
     rows = []
     rows += fresh_vm_command(image, args.runs, args.install_modules)
     rows += agent_vs_ssh(image, args.runs)
     rows += vms_per_minute(image)
     rows += host_memory(image)
-    print(f"path: {choose(host).why}; QEMU {host.qemu_version}; kernel {image.kernel_release}; "
+    print(f"path: {choose(host).why}; QEMU {host.qemu_version}; kernel {image.kernel_release} ({KERNEL}); "
           f"{os.cpu_count()} cores; medians of {args.runs}")  # fmt: skip
     print(f"{'':31}{'microvm':>10} {'peer':>12} {'ratio':>8}")
     for row in rows:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_microvm.machine.vm import MicroVM, VMConfig
+    from pytest_microvm.machine.config import VMConfig
+    from pytest_microvm.machine.vm import MicroVM
 
 
 @pytest.hookspec(firstresult=True)

@@ -4,12 +4,16 @@
 - :mod:`.qemu`: the QEMU command line and process (console capture, bounded stop).
 - :mod:`.qmp`: QMP through qemu.qmp (status, pause/resume, quit).
 - :mod:`.allocation`: guest CIDs and host ports for the kernel vhost-vsock path.
+- :mod:`.config`: VMConfig, how to boot one VM.
+- :mod:`.network`: the user-mode network (NIC, addresses, forwarded ports).
+- :mod:`.ssh`: paramiko clients to the guest's dropbear.
 - :mod:`.vm`: MicroVM, the lifecycle that ties them together.
 """
 
+from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import QemuProcess, qemu_argv
-from pytest_microvm.machine.vm import MicroVM, Runstate, VMConfig, boot
+from pytest_microvm.machine.vm import MicroVM, Runstate, boot
 
 __all__ = [
     "Choice",

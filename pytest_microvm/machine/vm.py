@@ -20,15 +20,13 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import paramiko
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
-from pytest_microvm.channel.kernel import DEFAULT_PORT, KernelVsockListener
+from pytest_microvm.channel.kernel import KernelVsockListener
 from pytest_microvm.channel.unix import UnixListener
 from pytest_microvm.channel.userspace import UserspaceVsock
 from pytest_microvm.client import AgentClient, Command, Process
@@ -40,14 +38,21 @@ from pytest_microvm.errors import (
     GuestError,
     MicroVMError,
 )
-from pytest_microvm.image import GuestImage, build_image
+from pytest_microvm.image import build_image
 from pytest_microvm.machine import network
 from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
+from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import CONSOLE_TAIL, QemuProcess, qemu_argv
 from pytest_microvm.machine.qmp import Monitor, MonitorError
-from pytest_microvm.machine.ssh import GuestSsh
 from pytest_microvm.result import CommandResult
+
+if TYPE_CHECKING:
+    # paramiko costs 0.13 s to import, a tenth of a TCG boot of the small kernel: only
+    # VMs that use SSH pay it.
+    import paramiko
+
+    from pytest_microvm.machine.ssh import GuestSsh
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,41 +66,6 @@ class Runstate(enum.Enum):
     PAUSED = "paused"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-@dataclass(frozen=True)
-class VMConfig:
-    """How to boot one VM. Every field has a default that works on any Linux host."""
-
-    memory_mib: int = 256
-    vcpus: int = 1
-    accel: str = "auto"  # auto | kvm | tcg
-    vsock: str = "auto"  # auto | kernel | userspace
-    kernel_cmdline: tuple[str, ...] = ()
-    qemu_args: tuple[str, ...] = ()
-    boot_timeout: float = 120.0  # generous: TCG guests on a loaded 2-core CI runner
-    image: GuestImage | None = None  # default: build (or find in the cache) the default image
-    port: int = DEFAULT_PORT  # vsock port the agent connects to
-    keep: bool = False  # boot detached so it can outlive this process, and leave it running at stop()
-    workdir: Path | None = None  # where the per-VM directory goes (default: the system temp dir)
-    # A NIC on QEMU's user-mode network (guest 10.0.2.15, NAT to the host's network), with
-    # guest TCP port 22 forwarded from 127.0.0.1 (vm.ssh(transport="network")).
-    network: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
-
-    def __post_init__(self) -> None:
-        if self.memory_mib < 64:
-            raise ConfigError(f"memory_mib={self.memory_mib}: the guest needs at least 64 MiB")
-        if not 1 <= self.vcpus <= 64:
-            raise ConfigError(f"vcpus={self.vcpus}: between 1 and 64")
-        if self.boot_timeout <= 0:
-            raise ConfigError(f"boot_timeout={self.boot_timeout}: must be positive")
-        if not 1 <= self.port < 0xFFFFFFFF:
-            raise ConfigError(f"port={self.port}: not a vsock port")
-
-    def with_(self, **changes: Any) -> VMConfig:
-        """A copy with some fields changed (the marker and hooks use this)."""
-        return replace(self, **changes)
 
 
 _GUEST_CID = 3  # with the userspace backend every VM has its own CID space
@@ -450,6 +420,8 @@ class MicroVM:
         the ``ssh`` feature. Clients are closed when the VM stops.
         """
         if self._ssh is None:
+            from pytest_microvm.machine.ssh import GuestSsh
+
             self._ssh = GuestSsh(self)
         ssh = self._ssh
         return self._guard(lambda: ssh.connect(timeout, transport))

@@ -22,8 +22,14 @@ from pytest_microvm.machine import network
 
 
 @pytest.fixture(scope="module")
-def source_image(microvm_image: GuestImage) -> GuestImage:
-    return build_image(kernel="source", cache=microvm_image.directory.parents[1])
+def source_image(microvm_image: GuestImage, pytestconfig: pytest.Config) -> GuestImage:
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(message: str) -> None:  # a first build takes minutes: say what it is doing
+        if reporter is not None:
+            reporter.write_line(f"source kernel: {message}")
+
+    return build_image(kernel="source", cache=microvm_image.directory.parents[1], progress=progress)
 
 
 @pytest.fixture(scope="module")

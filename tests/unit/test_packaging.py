@@ -1,4 +1,4 @@
-"""The wheel carries what a user's machine needs to build the image: agent source, kernel config."""
+"""What an installation gives: the wheel carries what the image build needs; imports stay cheap."""
 
 from __future__ import annotations
 
@@ -29,3 +29,15 @@ def test_wheel_ships_agent_source_entry_point_and_types(tmp_path: Path) -> None:
     assert "pytest_microvm/py.typed" in names
     assert "[pytest11]\nmicrovm = pytest_microvm.plugin" in entry_text
     assert "microvm = pytest_microvm.cli:main" in entry_text
+
+
+def test_booting_does_not_import_paramiko() -> None:
+    # paramiko takes a tenth of a second to import, paid before QEMU starts; only VMs
+    # that use SSH should pay it. A subprocess: this test process imports it anyway.
+    code = (
+        "import sys, pytest_microvm.cli, pytest_microvm.channel.vhost_user.__main__; "
+        "from pytest_microvm import MicroVM, VMConfig; "
+        "print('paramiko' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
