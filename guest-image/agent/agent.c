@@ -553,7 +553,11 @@ static void start_exec(uint32_t id, struct cursor *c)
 		 * in[0]/out[1]/err[1]; the master is read as stdout and written as stdin. */
 		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 		char *name = master >= 0 && !grantpt(master) && !unlockpt(master) ? ptsname(master) : NULL;
-		int slave = name && strlen(name) < sizeof pts ? open(name, O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
+		if (name && strlen(name) >= sizeof pts) {
+			errno = ENAMETOOLONG; /* cannot happen with /dev/pts/N, but never truncate a path */
+			name = NULL;
+		}
+		int slave = name ? open(name, O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
 		if (slave < 0) {
 			int e = errno;
 			if (master >= 0)

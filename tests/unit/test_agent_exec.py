@@ -283,6 +283,16 @@ def test_relative_program_and_path_entries_are_relative_to_cwd(client: AgentClie
     assert client.run(["rel"], cwd=str(tmp_path), env={"PATH": "bin:/bin"}).stdout == b"relative\n"
 
 
+def test_a_file_without_an_interpreter_line_is_not_run_by_sh(client: AgentClient, tmp_path: Path) -> None:
+    # protocol.md: unlike execvp there is no /bin/sh fallback; the error says ENOEXEC.
+    script = tmp_path / "no-shebang"
+    script.write_text("echo ran\n")
+    script.chmod(0o755)
+    with pytest.raises(AgentError, match="no-shebang") as info:
+        client.run([str(script)])
+    assert info.value.code == 8  # ENOEXEC
+
+
 def test_commands_get_default_sigpipe_and_an_empty_signal_mask(client: AgentClient) -> None:
     # The agent ignores SIGPIPE and blocks the signals it reads through a signalfd;
     # neither may leak into commands (`yes | head` must end by SIGPIPE, not spin).
