@@ -14,10 +14,12 @@ missing is named with the package that brings it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -93,21 +95,36 @@ def _unpack_source(deb: Path, dest: Path, progress: Progress) -> Path:
 
 
 def _make(tree: Path, args: list[str], what: str, progress: Progress, log: Path) -> None:
-    """Run make in ``tree``, reporting progress every few seconds, the log's tail on failure."""
+    """Run make in ``tree``, reporting progress every few seconds, the log's tail on failure.
+
+    make runs in its own process group, so that Ctrl-C (or any other exception here)
+    stops the compilers it started too, not only make: nothing keeps building after us.
+    """
     with log.open("ab") as out:
-        proc = subprocess.Popen(["make", "-C", str(tree), *args], stdout=out, stderr=subprocess.STDOUT)
-        started = last = time.monotonic()
-        while proc.poll() is None:
-            time.sleep(0.5)
-            if time.monotonic() - last >= 15:
-                last = time.monotonic()
-                text = log.read_bytes()
-                compiled = sum(1 for line in text.splitlines() if line.lstrip().startswith(b"CC "))
-                now = text[-4096:].decode(errors="replace").strip().rsplit("\n", 1)[-1].strip()
-                progress(f"{what}: {time.monotonic() - started:.0f}s, {compiled} files compiled, now {now}")
+        proc = subprocess.Popen(
+            ["make", "-C", str(tree), *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            started = last = time.monotonic()
+            while proc.poll() is None:
+                time.sleep(0.5)
+                if time.monotonic() - last >= 15:
+                    last = time.monotonic()
+                    text = log.read_bytes()
+                    compiled = sum(1 for line in text.splitlines() if line.lstrip().startswith(b"CC "))
+                    now = text[-4096:].decode(errors="replace").strip().rsplit("\n", 1)[-1].strip()
+                    progress(f"{what}: {time.monotonic() - started:.0f}s, {compiled} files compiled, now {now}")
+        except BaseException:
+            for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(grace)
+                    break
+            raise
     if proc.returncode != 0:
         tail = log.read_bytes()[-3000:].decode(errors="replace")
-        raise ImageError(f"{what} failed (make {' '.join(args)}, exit {proc.returncode}):\n{tail}")
+        raise ImageError(f"{what} failed (make {' '.join(args)}, exit {proc.returncode}); the log is {log}:\n{tail}")
 
 
 def source_kernel(cache: Path, progress: Progress) -> KernelFiles:
@@ -118,9 +135,11 @@ def source_kernel(cache: Path, progress: Progress) -> KernelFiles:
     fragment = fragment_path.read_text()
     wanted = wanted_options(fragment)
     real, version = resolve_package(cache, SOURCE_PACKAGE, meta=True, provider="linux-source-")
-    cc = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    gcc = shutil.which("gcc")  # if missing, the build below says what to install
+    cc = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.split("\n")[0] if gcc else ""
     digest = hashlib.sha256(f"{RECIPE_VERSION}\n{cc}\n{fragment}".encode()).hexdigest()[:12]
     key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + f"-microvm-{digest}"
+    final = cache / "kernels" / key
 
     def build(dest: Path) -> None:
         check_build_tools()
@@ -130,7 +149,9 @@ def source_kernel(cache: Path, progress: Progress) -> KernelFiles:
             work = Path(tmp)
             progress(f"downloading {real} {version}")
             tree = _unpack_source(apt_download(real, work), work, progress)
-            log = dest / "build.log"
+            # Beside the cache entry, not in it: a failed build's staging directory goes away.
+            log = final.parent / f"{final.name}.build.log"
+            log.unlink(missing_ok=True)
             _make(tree, ["tinyconfig"], "make tinyconfig", progress, log)
             run_tool(
                 [str(tree / "scripts/kconfig/merge_config.sh"), "-m", ".config", str(fragment_path)],
@@ -154,7 +175,6 @@ def source_kernel(cache: Path, progress: Progress) -> KernelFiles:
             (dest / "modules.order").write_text("")
         progress(f"kernel {release} built")
 
-    final = cache / "kernels" / key
     cached_build(final, build)
     release = (final / "release").read_text().strip()
     return KernelFiles(image=final / "kernel", release=release, identity=key, modules=())

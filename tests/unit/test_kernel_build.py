@@ -6,7 +6,12 @@ where the kernel it makes is booted.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +50,46 @@ def test_missing_build_tools_are_named_with_their_packages(monkeypatch: pytest.M
 def test_source_kernel_takes_no_module_tree(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="built in"):
         build_image(kernel="source", modules=str(tmp_path), cache=tmp_path / "cache")
+
+
+def test_ctrl_c_during_make_stops_the_compilers_too(tmp_path: Path) -> None:
+    # make's children (the compilers) must not outlive an interrupted build.
+    marker = "31.4159"
+    (tmp_path / "Makefile").write_text(f"all:\n\tsleep {marker} & sleep {marker}; wait\n")
+    code = (
+        "import sys; from pathlib import Path; from pytest_microvm.image.kernel_build import _make; "
+        f"_make(Path({str(tmp_path)!r}), ['all'], 'test', print, Path({str(tmp_path / 'log')!r}))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while len(_sleepers(marker)) < 2:
+            assert time.monotonic() < deadline, "make never started its children"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) != 0
+        deadline = time.monotonic() + 10
+        while _sleepers(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sleepers(marker) == []
+    finally:
+        proc.kill()
+        for pid in _sleepers(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_failing_make_names_its_log(tmp_path: Path) -> None:
+    (tmp_path / "Makefile").write_text("all:\n\t@echo the-compiler-said-no; false\n")
+    with pytest.raises(ImageError, match=r"(?s)exit 2\); the log is .*build.log.*the-compiler-said-no"):
+        kernel_build._make(tmp_path, ["all"], "test", lambda _m: None, tmp_path / "build.log")
+
+
+def _sleepers(marker: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes() == f"sleep\0{marker}\0".encode():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            pass
+    return found
