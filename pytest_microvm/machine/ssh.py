@@ -20,7 +20,7 @@ import base64
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import paramiko
 
@@ -74,7 +74,7 @@ class GuestSsh:
         self.vm.run(f"/usr/sbin/dropbear -s -r {SSH_HOST_KEY} -p {listen} -P /run/dropbear.pid", check=True)
         self._server = self.vm.start_process(f"exec microvm-agent --forward {SSH_PORT} {SSH_PORT} >/dev/null 2>&1")
 
-    def _socket(self, transport: str, deadline: float) -> Any:
+    def _socket(self, transport: str, deadline: float) -> socket.socket:
         """A connected stream to dropbear: the agent's vsock relay, or QEMU's forwarded port."""
         host_port = self.vm.forwarded_ports.get(SSH_PORT, 0)
         if transport == "network" and not host_port:

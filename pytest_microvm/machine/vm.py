@@ -210,7 +210,8 @@ class MicroVM:
         assert self._client is not None and self.monitor is not None
         r = self._client.run(["sh", "-c", network.GUEST_SETUP], timeout=30)
         if r.exit_code != 0:
-            raise self._failure(f"configuring the guest's network failed: {r.stderr.decode(errors='replace')}")
+            why = r.stderr.decode(errors="replace").strip()
+            raise self._failure(f"configuring the guest's network failed: {why}", BootError)
         try:
             info = str(self.monitor.command("human-monitor-command", **{"command-line": "info usernet"})["return"])
         except MonitorError as exc:

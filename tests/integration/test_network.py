@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_microvm import GuestImage, MicroVM, VMConfig
+from pytest_microvm import BootError, GuestImage, MicroVM, VMConfig
 from pytest_microvm.machine import network
 
 
@@ -64,3 +64,14 @@ def test_ssh_port_is_forwarded_from_a_free_loopback_port(vm: MicroVM) -> None:
 def test_a_vm_without_network_has_no_nic(microvm: MicroVM) -> None:
     assert microvm.run(["ls", "/sys/class/net"], check=True).stdout.split() == [b"lo"]
     assert microvm.forwarded_ports == {}
+
+
+def test_a_network_that_cannot_be_set_up_is_a_boot_error(microvm_image: GuestImage) -> None:
+    def drop_nic(_cfg: VMConfig, argv: list[str]) -> list[str]:
+        i = argv.index("-device", argv.index("-netdev"))
+        return argv[:i] + argv[i + 2 :]  # the netdev stays, the guest gets no NIC
+
+    vm = MicroVM(VMConfig(image=microvm_image, network=True), qemu_args_hook=drop_nic)
+    with pytest.raises(BootError, match="configuring the guest's network failed: the guest has no eth0"):
+        vm.start()
+    assert vm.runstate.value == "stopped" and vm.qemu is not None and vm.qemu.returncode() is not None
