@@ -93,3 +93,9 @@ def test_run_keep_then_attach_then_stop(microvm_image: GuestImage) -> None:
         for pid in _processes_mentioning(str(workroot)):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workroot, ignore_errors=True)
+
+
+def test_attach_and_stop_say_when_there_is_no_kept_vm(tmp_path: Path) -> None:
+    for command in ("attach", "stop"):
+        proc = microvm(command, str(tmp_path / "gone"))
+        assert proc.returncode == 1 and b"cannot read the VM state" in proc.stderr, proc.stderr
