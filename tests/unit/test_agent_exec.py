@@ -293,6 +293,12 @@ def test_a_file_without_an_interpreter_line_is_not_run_by_sh(client: AgentClient
     assert info.value.code == 8  # ENOEXEC
 
 
+@pytest.mark.parametrize("pty", [None, (24, 80)])
+def test_commands_inherit_no_descriptor_but_their_stdio(client: AgentClient, pty: tuple[int, int] | None) -> None:
+    proc = client.start(["sh", "-c", "ls /proc/$$/fd"], pty=pty)
+    assert proc.wait(timeout=30).stdout.split() == [b"0", b"1", b"2"]
+
+
 def test_commands_get_default_sigpipe_and_an_empty_signal_mask(client: AgentClient) -> None:
     # The agent ignores SIGPIPE and blocks the signals it reads through a signalfd;
     # neither may leak into commands (`yes | head` must end by SIGPIPE, not spin).
