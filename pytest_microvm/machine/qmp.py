@@ -7,7 +7,10 @@ half-made QMP session behind on our side.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +29,31 @@ class Monitor:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._qmp: QEMUMonitorProtocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # ours to close, if we made one
 
     def qemu_args(self) -> list[str]:
         return ["-chardev", f"socket,id=qmp,path={self.path},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
 
     def connect(self) -> None:
-        qmp = QEMUMonitorProtocol(str(self.path), nickname=self.path.parent.name)
+        # qemu.qmp's synchronous client runs on the calling thread's event loop and, in a
+        # thread without one, makes one and leaves it set there, never closed: every VM
+        # booted from a worker thread leaked a loop (an epoll fd and a socket pair) and
+        # printed an "Exception ignored" at exit. In such a thread, hand it a loop of our
+        # own for the duration of the constructor only, and close that loop in close().
+        if not _thread_has_event_loop():
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+        try:
+            qmp = QEMUMonitorProtocol(str(self.path), nickname=self.path.parent.name)
+        finally:
+            if self._loop is not None:
+                asyncio.set_event_loop(None)  # it keeps its reference; the thread keeps none
         try:
             qmp.connect()
         except Exception as exc:  # qemu.qmp raises its own tree; callers want ours
             with contextlib.suppress(Exception):
                 qmp.close()
+            self._close_loop()
             raise MonitorError(f"cannot connect to QEMU's monitor at {self.path}: {exc}") from exc
         self._qmp = qmp
 
@@ -69,4 +86,23 @@ class Monitor:
             with contextlib.suppress(Exception):  # closing a monitor whose QEMU is gone is not an error
                 self._qmp.close()
             self._qmp = None
+        self._close_loop()
         self.path.unlink(missing_ok=True)
+
+    def _close_loop(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
+
+
+def _thread_has_event_loop() -> bool:
+    """True if asyncio would give this thread an event loop without creating one here."""
+    if threading.current_thread() is threading.main_thread():
+        return True  # the main thread's loop is created on demand and lives with the process
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.get_event_loop()
+    except RuntimeError:
+        return False
+    return True
