@@ -27,9 +27,15 @@ from pathlib import Path
 
 from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
-from pytest_microvm.image.sources import KernelFiles, Progress, apt_download, resolve_package, run_tool
+from pytest_microvm.image.sources import (
+    SOURCE_PACKAGE,
+    KernelFiles,
+    Progress,
+    apt_download,
+    resolve_package,
+    run_tool,
+)
 
-SOURCE_PACKAGE = "linux-source"  # Debian's metapackage for the current kernel source
 CONFIG_NAME = "microvm.config"
 # Bump when the steps below change what comes out for the same source and config.
 RECIPE_VERSION = "1"

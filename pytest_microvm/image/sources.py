@@ -2,7 +2,8 @@
 
 The default kernel is Debian's ``linux-image-amd64``, fetched with ``apt-get download``
 and unpacked with ``dpkg-deb -x`` (no root, nothing installed). A user may instead give
-a kernel file (bzImage, vmlinux ELF, or a kernel .deb) and a module tree.
+a kernel file (bzImage, vmlinux ELF, or a kernel .deb) and a module tree, or ask for the
+small kernel built from Debian's source (:mod:`.kernel_build`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pytest_microvm.image.kernel import GUEST_MODULES, is_elf, read_module, reso
 
 Progress = Callable[[str], None]
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
+SOURCE_PACKAGE = "linux-source"  # its metapackage; what kernel_build builds from
 
 
 def agent_source_dir() -> Path:
@@ -244,7 +246,7 @@ def describe_kernel(kernel: str | None, cache: Path) -> str:
     """One line naming the kernel a build would use, without building (for the pytest header)."""
     if kernel == "source":
         try:
-            real, version = resolve_package(cache, "linux-source", provider="linux-source-")
+            real, version = resolve_package(cache, SOURCE_PACKAGE, provider="linux-source-")
         except ImageError as exc:
             return f"built from source: unknown ({exc})"
         return f"built from Debian's {real} {version} with microvm.config"
