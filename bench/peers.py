@@ -53,17 +53,21 @@ def vng_setup(image: GuestImage, install: bool) -> tuple[list[str] | None, str]:
     vng = shutil.which("vng")
     if vng is None:
         return None, "virtme-ng not installed (pip install virtme-ng)"
-    # The kernel file the image was made from (a bzImage for Debian's, as virtme-ng
-    # expects; the ELF vmlinux for the one built from source).
-    kernel_dir = next(
-        (
-            d
-            for d in sorted((cache_dir() / "kernels").glob("*/"))
-            if (d / "release").is_file() and (d / "release").read_text().strip() == image.kernel_release
-        ),
-        None,
-    )
-    if kernel_dir is None:
+    # The kernel file we boot. A kernel with everything built in (the one built from
+    # source) goes to virtme-ng as the very ELF vmlinux of the image; Debian's goes as the
+    # package's bzImage, as virtme-ng expects (it reads the release from it to find the
+    # modules); every cache entry of that release holds the same one.
+    kernel_file: Path | None = image.kernel
+    if image.modules:
+        kernel_file = next(
+            (
+                d / "kernel"
+                for d in sorted((cache_dir() / "kernels").glob("*/"))
+                if (d / "release").is_file() and (d / "release").read_text().strip() == image.kernel_release
+            ),
+            None,
+        )
+    if kernel_file is None:
         return None, "the image's kernel is not in the cache"
     moddir = Path("/lib/modules") / image.kernel_release
     if image.modules and not moddir.exists():
@@ -75,7 +79,7 @@ def vng_setup(image: GuestImage, install: bool) -> tuple[list[str] | None, str]:
             deb = next(Path(tmp).glob("*.deb"))
             subprocess.run(["dpkg-deb", "-x", str(deb), "/"], check=True)
         subprocess.run(["depmod", image.kernel_release], check=True)
-    argv = [vng, "--run", str(kernel_dir / "kernel"), "--force-9p"]
+    argv = [vng, "--run", str(kernel_file), "--force-9p"]
     if not detect_host().kvm.usable:
         argv.append("--disable-kvm")
     return argv, "ok"
