@@ -1,7 +1,8 @@
 """Runs the real agent binary on the host against the real client over a Unix socket.
 
 Shared by the unit tests (no VM): the agent process is the same binary that runs as
-PID 1 in the image, only connected to a Unix socket instead of vsock.
+PID 1 in the image, only connected to a Unix socket instead of vsock. Also the /proc
+helpers the tests use to check that nothing is left running.
 """
 
 from __future__ import annotations
@@ -79,3 +80,18 @@ def children_of(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 kids.append(int(entry))
     return kids
+
+
+def processes_mentioning(text: str) -> dict[int, str]:
+    """``{pid: command line}`` of every process whose command line contains ``text``
+    (arguments joined by spaces): to find what a VM or a build left running."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found[int(entry)] = cmdline.strip()
+    return found

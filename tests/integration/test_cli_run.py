@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pytest_microvm import GuestImage
+from tests.agent_harness import processes_mentioning
 
 
 def microvm(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -60,17 +61,6 @@ def test_sigterm_or_sighup_to_the_cli_leaves_nothing_behind(microvm_image: Guest
             shutil.rmtree(workroot, ignore_errors=True)  # also when the test fails
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            pass
-    return found
-
-
 def test_run_keep_then_attach_then_stop(microvm_image: GuestImage) -> None:
     workroot = Path(tempfile.mkdtemp(prefix="keep-", dir="/tmp"))
     env = {**os.environ, "TMPDIR": str(workroot)}
@@ -82,15 +72,15 @@ def test_run_keep_then_attach_then_stop(microvm_image: GuestImage) -> None:
         assert (proc.returncode, proc.stdout) == (0, b"first\n"), proc.stderr
         (workdir,) = workroot.glob("microvm-*")
         assert f"microvm attach {workdir}".encode() in proc.stderr
-        assert len(_processes_mentioning(str(workroot))) == 2  # QEMU and the vsock backend outlived the CLI
+        assert len(processes_mentioning(str(workroot))) == 2  # QEMU and the vsock backend outlived the CLI
         attached = microvm("attach", str(workdir), "--", "cat", "/sys/class/net/eth0/operstate")
         assert (attached.returncode, attached.stdout) == (0, b"up\n"), attached.stderr
         stopped = microvm("stop", str(workdir))
         assert stopped.returncode == 0, stopped.stderr
-        assert _processes_mentioning(str(workroot)) == []
+        assert processes_mentioning(str(workroot)) == {}
         assert list(workroot.iterdir()) == []
     finally:
-        for pid in _processes_mentioning(str(workroot)):
+        for pid in processes_mentioning(str(workroot)):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workroot, ignore_errors=True)
 

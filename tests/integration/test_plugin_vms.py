@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import GuestImage
+from tests.agent_harness import processes_mentioning
 
 SUITE = """
 import os
@@ -105,19 +106,6 @@ def test_xdist_two_workers_six_vms(pytester: pytest.Pytester, shared_cache: None
     result.assert_outcomes(passed=6)
 
 
-def _processes_mentioning(marker: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if marker in cmdline:
-                found.append(f"{pid}: {cmdline[:200]}")
-    return found
-
-
 def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, shared_cache: None) -> None:
     pytester.makepyfile(test_slow="def test_boot(microvm):\n    microvm.run(['sleep', '60'])\n")
     # Short, so the VM's sockets live in it too and every process of the VM names it.
@@ -139,7 +127,7 @@ def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, sha
 def _interrupt_during_boot(proc: subprocess.Popen[bytes], workroot: Path) -> None:
     try:
         deadline = time.monotonic() + 120
-        while not any("qemu-system" in p for p in _processes_mentioning(str(workroot))):
+        while not any("qemu-system" in c for c in processes_mentioning(str(workroot)).values()):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"QEMU never started; pytest said:\n{proc.communicate()[0].decode()[-3000:]}")
@@ -152,9 +140,9 @@ def _interrupt_during_boot(proc: subprocess.Popen[bytes], workroot: Path) -> Non
         proc.communicate()
     assert b"KeyboardInterrupt" in out or proc.returncode == 2, out[-2000:]
     deadline = time.monotonic() + 10
-    while _processes_mentioning(str(workroot)) and time.monotonic() < deadline:
+    while processes_mentioning(str(workroot)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_mentioning(str(workroot)) == []
+    assert processes_mentioning(str(workroot)) == {}
     assert [p.name for p in workroot.iterdir() if p.name.startswith("microvm-")] == []
 
 

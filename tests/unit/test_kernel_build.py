@@ -19,6 +19,7 @@ import pytest
 from pytest_microvm import ImageError, build_image
 from pytest_microvm.image import kernel_build
 from pytest_microvm.image.kernel_build import check_build_tools, kernel_config_path, missing_options, wanted_options
+from tests.agent_harness import processes_mentioning
 
 
 def test_the_shipped_fragment_asks_for_what_the_guest_needs() -> None:
@@ -85,11 +86,5 @@ def test_a_failing_make_names_its_log(tmp_path: Path) -> None:
 
 
 def _sleepers(marker: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes() == f"sleep\0{marker}\0".encode():
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            pass
-    return found
+    # Only the sleeps themselves, not the shell whose command line also names them.
+    return [pid for pid, cmdline in processes_mentioning(marker).items() if cmdline == f"sleep {marker}"]
