@@ -36,7 +36,6 @@ from pytest_microvm.cache import cache_dir
 from pytest_microvm.machine import choose, detect_host
 
 MIB = 1 << 20
-KERNEL = "debian"  # --kernel
 
 
 def say(message: str) -> None:
@@ -85,8 +84,8 @@ def vng_setup(image: GuestImage, install: bool) -> tuple[list[str] | None, str]:
     return argv, "ok"
 
 
-def fresh_vm_command(image: GuestImage, runs: int, install: bool) -> list[str]:
-    ours_argv = [sys.executable, "-m", "pytest_microvm.cli", "run", "--kernel", KERNEL, "--", "true"]
+def fresh_vm_command(image: GuestImage, kernel: str, runs: int, install: bool) -> list[str]:
+    ours_argv = [sys.executable, "-m", "pytest_microvm.cli", "run", "--kernel", kernel, "--", "true"]
     vng_argv, why = vng_setup(image, install)
     ours, theirs = [], []
     for i in range(runs):
@@ -107,8 +106,8 @@ def fresh_vm_command(image: GuestImage, runs: int, install: bool) -> list[str]:
     return [f"command in a fresh VM (s)      {mo:10.2f} {mt:12.2f} {mt / mo:7.1f}x  faster than virtme-ng"]
 
 
-def agent_vs_ssh(image: GuestImage, runs: int) -> list[str]:
-    ssh_image = build_image(kernel=KERNEL, features=("ssh",))
+def agent_vs_ssh(kernel: str, runs: int) -> list[str]:
+    ssh_image = build_image(kernel=kernel, features=("ssh",))
     with MicroVM(VMConfig(image=ssh_image, memory_mib=512)) as vm:
         client = vm.ssh()
 
@@ -200,15 +199,13 @@ def main() -> int:
     ap.add_argument("--install-modules", action="store_true", help="let virtme-ng find the kernel's modules")
     ap.add_argument("--kernel", default="debian", choices=["debian", "source"], help="the image's kernel")
     args = ap.parse_args()
-    global KERNEL
-    KERNEL = args.kernel
-    image, host = build_image(kernel=KERNEL), detect_host()
+    image, host = build_image(kernel=args.kernel), detect_host()
     rows = []
-    rows += fresh_vm_command(image, args.runs, args.install_modules)
-    rows += agent_vs_ssh(image, args.runs)
+    rows += fresh_vm_command(image, args.kernel, args.runs, args.install_modules)
+    rows += agent_vs_ssh(args.kernel, args.runs)
     rows += vms_per_minute(image)
     rows += host_memory(image)
-    print(f"path: {choose(host).why}; QEMU {host.qemu_version}; kernel {image.kernel_release} ({KERNEL}); "
+    print(f"path: {choose(host).why}; QEMU {host.qemu_version}; kernel {image.kernel_release} ({args.kernel}); "
           f"{os.cpu_count()} cores; medians of {args.runs}")  # fmt: skip
     print(f"{'':31}{'microvm':>10} {'peer':>12} {'ratio':>8}")
     for row in rows:
