@@ -965,22 +965,13 @@ static void connect_with_backoff(void)
 
 /* ---- PID 1 duties ----------------------------------------------------------- */
 
-static void pid1_setup(void)
-{
-	static const struct { const char *src, *dst, *type; } m[] = {
-		{ "proc", "/proc", "proc" },  { "sysfs", "/sys", "sysfs" },
-		{ "devtmpfs", "/dev", "devtmpfs" }, { "devpts", "/dev/pts", "devpts" },
-		{ "tmpfs", "/tmp", "tmpfs" }, { "tmpfs", "/run", "tmpfs" },
-	};
-	for (size_t i = 0; i < sizeof m / sizeof *m; i++) {
-		mkdir(m[i].dst, 0755);
-		if (mount(m[i].src, m[i].dst, m[i].type, 0, NULL) < 0 && errno != EBUSY)
-			say("mount %s: %s", m[i].dst, strerror(errno));
-	}
-	say("%s running as PID 1", AGENT_VERSION);
+#define P9_OPTS "trans=virtio,version=9p2000.L,msize=524288"
 
-	/* The image lists its modules in load order (dependencies first). */
-	FILE *f = fopen("/etc/microvm/modules", "r");
+static int write_all(int fd, const char *p, size_t n);
+
+static void load_module_list(const char *list)
+{
+	FILE *f = fopen(list, "r");
 	char line[512];
 	while (f && fgets(line, sizeof line, f)) {
 		line[strcspn(line, "\r\n")] = 0;
@@ -996,21 +987,142 @@ static void pid1_setup(void)
 	}
 	if (f)
 		fclose(f);
+}
 
-	/* Loopback up, so services started in the guest can be reached from it. */
-	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-	struct ifreq ifr = { 0 };
-	strcpy(ifr.ifr_name, "lo");
-	if (s >= 0 && ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
-		ifr.ifr_flags |= IFF_UP;
-		ioctl(s, SIOCSIFFLAGS, &ifr);
+/* mkdir -p; existing directories are fine. */
+static int mkdirs(const char *path, mode_t mode)
+{
+	char buf[4096];
+	if ((size_t)snprintf(buf, sizeof buf, "%s", path) >= sizeof buf) {
+		errno = ENAMETOOLONG;
+		return -1;
 	}
-	if (s >= 0)
-		close(s);
-	sethostname("microvm", 7);
+	for (char *p = buf + 1;; p++) {
+		if (*p == '/' || !*p) {
+			char c = *p;
+			*p = 0;
+			if (mkdir(buf, mode) < 0 && errno != EEXIST)
+				return -1;
+			*p = c;
+			if (!c)
+				return 0;
+		}
+	}
+}
 
-	f = fopen("/proc/cmdline", "r");
-	char cmd[4096] = "";
+/* A root-disk driver may still be probing when its module returns, and a disk node
+ * appears in devtmpfs a moment later: retry for up to two seconds. */
+static int mount_retry(const char *src, const char *dst, const char *type, unsigned long flags, const char *opts)
+{
+	for (int i = 0;; i++) {
+		if (mount(src, dst, type, flags, opts) == 0)
+			return 0;
+		if ((errno != ENOENT && errno != ENXIO) || i >= 200)
+			return -1;
+		struct timespec ts = { 0, 10 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+}
+
+static int copy_file(const char *from, const char *to, mode_t mode)
+{
+	int in = open(from, O_RDONLY | O_CLOEXEC);
+	int out = in < 0 ? -1 : open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+	char buf[65536];
+	ssize_t n = 0;
+	while (out >= 0 && (n = read(in, buf, sizeof buf)) > 0)
+		if (write_all(out, buf, (size_t)n) < 0) {
+			n = -1;
+			break;
+		}
+	int e = errno;
+	if (in >= 0)
+		close(in);
+	if (out >= 0)
+		close(out);
+	errno = e;
+	return in < 0 || out < 0 || n < 0 ? -1 : 0;
+}
+
+__attribute__((noreturn)) static void fatal_boot(const char *fmt, const char *arg)
+{
+	fprintf(stderr, "microvm-agent: FATAL: ");
+	fprintf(stderr, fmt, arg, strerror(errno));
+	fprintf(stderr, "; powering off\n");
+	sync();
+	reboot(RB_POWER_OFF);
+	reboot(RB_AUTOBOOT);
+	for (;;)
+		pause();
+}
+
+/* Switch to the guest's own root (docs/protocol.md, "Guest root"): the read-only lower
+ * layer (an EROFS disk, or a 9p share of the host's /) under a tmpfs overlay, so
+ * commands may write anywhere and nothing reaches the lower layer. The agent moves the
+ * API file systems into it, copies itself in as /usr/bin/microvm-agent (the tool modes
+ * must exist in every root), and makes it the root as switch_root does. */
+static void switch_root(const char *root)
+{
+	const char *lower = "/mnt/lower", *rw = "/mnt/rw", *top = "/mnt/root";
+	mkdirs(lower, 0755);
+	mkdirs(rw, 0755);
+	mkdirs(top, 0755);
+	if (!strcmp(root, "erofs")) {
+		if (mount_retry("/dev/vda", lower, "erofs", MS_RDONLY, NULL) < 0)
+			fatal_boot("mounting the root disk /dev/vda (%s) as EROFS failed: %s", "erofs");
+	} else if (!strncmp(root, "9p:", 3)) {
+		if (mount_retry(root + 3, lower, "9p", MS_RDONLY, P9_OPTS ",cache=mmap") < 0)
+			fatal_boot("mounting the 9p root share %s failed: %s", root + 3);
+	} else {
+		errno = EINVAL;
+		fatal_boot("unknown microvm.root=%s: %s", root);
+	}
+	if (mount("tmpfs", rw, "tmpfs", 0, "mode=0755") < 0 || mkdirs("/mnt/rw/upper", 0755) < 0 ||
+	    mkdirs("/mnt/rw/work", 0755) < 0)
+		fatal_boot("the overlay's tmpfs (%s): %s", rw);
+	if (mount("overlay", top, "overlay", 0,
+		  "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work") < 0)
+		fatal_boot("mounting the overlay on %s failed: %s", lower);
+	static const char *const moved[] = { "/proc", "/sys", "/dev" };
+	char path[64];
+	for (size_t i = 0; i < sizeof moved / sizeof *moved; i++) {
+		snprintf(path, sizeof path, "%s%s", top, moved[i]);
+		if (mkdirs(path, 0755) < 0 || mount(moved[i], path, NULL, MS_MOVE, NULL) < 0)
+			fatal_boot("moving %s into the new root failed: %s", moved[i]);
+	}
+	/* Fresh tmpfs for /tmp and /run: never the lower layer (9p's unlink-while-open
+	 * fails with ENOENT, and writes there would cost a copy-up). */
+	static const char *const fresh[] = { "/tmp", "/run" };
+	for (size_t i = 0; i < sizeof fresh / sizeof *fresh; i++) {
+		snprintf(path, sizeof path, "%s%s", top, fresh[i]);
+		if (mkdirs(path, 0755) < 0 ||
+		    mount("tmpfs", path, "tmpfs", 0, i == 0 ? "mode=1777" : "mode=0755") < 0)
+			fatal_boot("mounting a tmpfs on %s failed: %s", fresh[i]);
+	}
+	if (mkdirs("/mnt/root/usr/bin", 0755) < 0 ||
+	    copy_file("/init", "/mnt/root/usr/bin/microvm-agent", 0755) < 0)
+		fatal_boot("copying the agent into the new root (%s) failed: %s", "/usr/bin/microvm-agent");
+	if (chdir(top) < 0 || mount(".", "/", NULL, MS_MOVE, NULL) < 0 || chroot(".") < 0 || chdir("/") < 0)
+		fatal_boot("switching to the new root %s failed: %s", top);
+	say("root is %s under a tmpfs overlay", root);
+}
+
+static void pid1_setup(void)
+{
+	static const struct { const char *src, *dst, *type; } m[] = {
+		{ "proc", "/proc", "proc" },  { "sysfs", "/sys", "sysfs" },
+		{ "devtmpfs", "/dev", "devtmpfs" }, { "devpts", "/dev/pts", "devpts" },
+		{ "tmpfs", "/tmp", "tmpfs" }, { "tmpfs", "/run", "tmpfs" },
+	};
+	for (size_t i = 0; i < sizeof m / sizeof *m; i++) {
+		mkdir(m[i].dst, 0755);
+		if (mount(m[i].src, m[i].dst, m[i].type, 0, NULL) < 0 && errno != EBUSY)
+			say("mount %s: %s", m[i].dst, strerror(errno));
+	}
+	say("%s running as PID 1", AGENT_VERSION);
+
+	FILE *f = fopen("/proc/cmdline", "r");
+	char cmd[4096] = "", root[256] = "", groups[256] = "";
 	if (f) {
 		if (!fgets(cmd, sizeof cmd, f))
 			cmd[0] = 0;
@@ -1023,7 +1135,35 @@ static void pid1_setup(void)
 			cfg.cid = (unsigned)strtoul(t + 12, NULL, 10);
 		else if (!strncmp(t, "microvm.token=", 14))
 			snprintf(cfg.token, sizeof cfg.token, "%s", t + 14);
+		else if (!strncmp(t, "microvm.root=", 13))
+			snprintf(root, sizeof root, "%s", t + 13);
+		else if (!strncmp(t, "microvm.modules=", 16))
+			snprintf(groups, sizeof groups, "%s", t + 16);
 	}
+
+	/* The image lists its modules in load order (dependencies first): the ones every
+	 * guest needs, then the groups this boot asked for (a root disk, 9p, overlay). */
+	load_module_list("/etc/microvm/modules");
+	for (char *g = strtok(groups, ","); g; g = strtok(NULL, ",")) {
+		char list[300];
+		snprintf(list, sizeof list, "/etc/microvm/modules.%s", g);
+		if (access(list, R_OK) == 0)
+			load_module_list(list);
+	}
+	if (root[0])
+		switch_root(root);
+
+	/* Loopback up, so services started in the guest can be reached from it. */
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	struct ifreq ifr = { 0 };
+	strcpy(ifr.ifr_name, "lo");
+	if (s >= 0 && ioctl(s, SIOCGIFFLAGS, &ifr) == 0) {
+		ifr.ifr_flags |= IFF_UP;
+		ioctl(s, SIOCSIFFLAGS, &ifr);
+	}
+	if (s >= 0)
+		close(s);
+	sethostname("microvm", 7);
 	say("host is vsock %u:%u", cfg.cid, cfg.port);
 }
 
@@ -1047,10 +1187,12 @@ static int usage(void)
 	fprintf(stderr, "usage: microvm-agent [--unix PATH] [--token TOKEN] [--once]\n"
 			"       microvm-agent --connect CID:PORT | --listen PORT | --echo PORT\n"
 			"       microvm-agent --forward VSOCK_PORT TCP_PORT\n"
+			"       microvm-agent --mount-9p TAG PATH ro|rw [TAG PATH ro|rw ...]\n"
 			"  As PID 1 it reads microvm.port/cid/token from /proc/cmdline.\n"
 			"  The tool modes relay stdin/stdout over one vsock connection (--echo:\n"
 			"  echo every connection back) for tests of the vsock path; --forward relays\n"
-			"  each vsock connection to a TCP port on the guest's loopback.\n");
+			"  each vsock connection to a TCP port on the guest's loopback; --mount-9p\n"
+			"  mounts the host's 9p shares.\n");
 	return 2;
 }
 
@@ -1151,6 +1293,28 @@ static int forward_connection(int fd, unsigned tcp_port)
 	return relay(fd, tcp, tcp);
 }
 
+/* --mount-9p TAG PATH ro|rw ...: mount the host's 9p shares (docs/protocol.md, "Host
+ * directory shares"). The host runs this once the agent is up, so a share never needs
+ * to exist at boot (and a restored snapshot mounts its shares the same way). */
+static int mount_shares(int n, char **args)
+{
+	if (n <= 0 || n % 3)
+		return usage();
+	for (int i = 0; i < n; i += 3) {
+		const char *tag = args[i], *path = args[i + 1], *mode = args[i + 2];
+		if (path[0] != '/' || (strcmp(mode, "ro") && strcmp(mode, "rw"))) {
+			say("--mount-9p %s %s %s: need an absolute path and ro or rw", tag, path, mode);
+			return 2;
+		}
+		unsigned long flags = strcmp(mode, "ro") ? 0 : MS_RDONLY;
+		if (mkdirs(path, 0755) < 0 || mount(tag, path, "9p", flags, P9_OPTS ",cache=mmap") < 0) {
+			say("mounting share %s on %s failed: %s", tag, path, strerror(errno));
+			return 1;
+		}
+	}
+	return 0;
+}
+
 static int tool(const char *mode, const char *arg)
 {
 	signal(SIGPIPE, SIG_IGN);
@@ -1186,6 +1350,8 @@ int main(int argc, char **argv)
 	if (!cfg.pid1 && argc == 3 && (!strcmp(argv[1], "--connect") || !strcmp(argv[1], "--listen") ||
 				       !strcmp(argv[1], "--echo")))
 		return tool(argv[1], argv[2]);
+	if (!cfg.pid1 && argc >= 2 && !strcmp(argv[1], "--mount-9p"))
+		return mount_shares(argc - 2, argv + 2);
 	if (!cfg.pid1 && argc == 4 && !strcmp(argv[1], "--forward"))
 		return serve_forever((unsigned)strtoul(argv[2], NULL, 10), forward_connection,
 				     (unsigned)strtoul(argv[3], NULL, 10));

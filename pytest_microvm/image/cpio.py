@@ -34,6 +34,9 @@ class CpioWriter:
         self._out.write(data)
         self._pad(len(data))
 
+    def has(self, name: str) -> bool:
+        return name.lstrip("/") in self._names
+
     def _pad(self, n: int) -> None:
         self._out.write(b"\0" * (-n % 4))
 

@@ -37,6 +37,15 @@ GUEST_MODULES = (
     "virtio_net",  # for VMConfig(network=True); without a NIC it only registers a driver
 )
 
+# Modules only some boots need, loaded by the agent when the kernel command line asks
+# for the group (``microvm.modules=blk,overlay``): a busybox guest does not pay for a
+# root disk's drivers. Each group's own dependencies come with it.
+MODULE_GROUPS: dict[str, tuple[str, ...]] = {
+    "blk": ("virtio_blk", "erofs"),  # the root filesystem image on a virtio-blk disk
+    "9p": ("9pnet_virtio", "9p"),  # host directory shares, and the host's / as the root
+    "overlay": ("overlay",),  # the tmpfs overlay on top of a read-only root
+}
+
 _DECOMPRESSORS = (
     (b"\xfd7zXZ\x00", "xz"),
     (b"\x1f\x8b", "gzip"),

@@ -17,12 +17,12 @@ import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
-from pytest_microvm.image.kernel import GUEST_MODULES, is_elf, read_module, resolve_modules
+from pytest_microvm.image.kernel import GUEST_MODULES, MODULE_GROUPS, is_elf, read_module, resolve_modules
 
 Progress = Callable[[str], None]
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
@@ -109,11 +109,15 @@ class KernelFiles:
     release: str
     identity: str  # what the image cache key uses to tell kernels apart
     modules: tuple[Path, ...]
+    # MODULE_GROUPS this kernel can do, each with the modules to load for it (empty when
+    # built in); a group missing here cannot be used with this kernel.
+    groups: dict[str, tuple[Path, ...]] = field(default_factory=lambda: {g: () for g in MODULE_GROUPS})
 
 
 def _modules_key() -> str:
     """Part of every kernel cache key: a different module list is a different entry."""
-    return hashlib.sha256(" ".join(GUEST_MODULES).encode()).hexdigest()[:8]
+    groups = " ".join(f"{g}:{','.join(m)}" for g, m in sorted(MODULE_GROUPS.items()))
+    return hashlib.sha256((" ".join(GUEST_MODULES) + "|" + groups).encode()).hexdigest()[:8]
 
 
 def _collect(kernel: Path, moddir: Path | None, dest: Path, release: str) -> None:
@@ -123,22 +127,44 @@ def _collect(kernel: Path, moddir: Path | None, dest: Path, release: str) -> Non
     (dest / "release").write_text(release + "\n")
     mods = dest / "modules"
     mods.mkdir()
-    order = []
-    if moddir is not None:
-        for path in resolve_modules(moddir, GUEST_MODULES):
+    order: list[str] = []
+
+    def copy(paths: list[Path]) -> list[str]:
+        names = []
+        for path in paths:
             name = path.name.split(".ko")[0] + ".ko"
-            (mods / name).write_bytes(read_module(path))
-            order.append(name)
+            if not (mods / name).exists():
+                (mods / name).write_bytes(read_module(path))
+            names.append(name)
+        return names
+
+    if moddir is not None:
+        order = copy(resolve_modules(moddir, GUEST_MODULES))
     (dest / "modules.order").write_text("".join(f"{n}\n" for n in order))
+    for group, wanted in MODULE_GROUPS.items():
+        if moddir is None:  # a kernel without a module tree has what it has built in
+            names: list[str] = []
+        else:
+            try:
+                names = [n for n in copy(resolve_modules(moddir, wanted)) if n not in order]
+            except ImageError:
+                continue  # this kernel cannot do it: the group's file is absent
+        (dest / f"modules.{group}.order").write_text("".join(f"{n}\n" for n in names))
 
 
 def _load_collected(dest: Path, identity: str) -> KernelFiles:
     order = (dest / "modules.order").read_text().split()
+    groups = {
+        group: tuple(dest / "modules" / n for n in (dest / f"modules.{group}.order").read_text().split())
+        for group in MODULE_GROUPS
+        if (dest / f"modules.{group}.order").is_file()
+    }
     return KernelFiles(
         image=dest / "kernel",
         release=(dest / "release").read_text().strip(),
         identity=identity,
         modules=tuple(dest / "modules" / n for n in order),
+        groups=groups,
     )
 
 
