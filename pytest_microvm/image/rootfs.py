@@ -109,6 +109,11 @@ def resolve_in_root(root: Path, path: str) -> Path | None:
 
 def check_root(tree: Path) -> None:
     """Raise ImageError unless the guest would find an executable ``/bin/sh`` in ``tree``."""
+    _check_root(tree, tree)
+
+
+def _check_root(tree: Path, label: Path) -> None:
+    """check_root, naming ``label`` (what the user gave, e.g. the tar) in the message."""
     tail = "commands run through /bin/sh -c; add a shell (busybox or dash)"
     sh = resolve_in_root(tree, "/bin/sh")
     try:
@@ -119,9 +124,9 @@ def check_root(tree: Path) -> None:
         bin_dir = resolve_in_root(tree, "/bin")  # fully resolved inside the tree: safe to look at
         link = bin_dir / "sh" if bin_dir is not None else None
         how = f" (/bin/sh -> {os.readlink(link)}, which is not in it)" if link is not None and link.is_symlink() else ""
-        raise ImageError(f"rootfs {tree} has no /bin/sh{how}: {tail}")
+        raise ImageError(f"rootfs {label} has no /bin/sh{how}: {tail}")
     if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
-        raise ImageError(f"rootfs {tree} has no executable /bin/sh ({sh} is not an executable file): {tail}")
+        raise ImageError(f"rootfs {label} has no executable /bin/sh (it is not an executable file): {tail}")
 
 
 def _walk_key(top: Path) -> str:
@@ -358,7 +363,7 @@ def _unpack_tar(path: Path, tree: Path, progress: Progress) -> None:
             f"rootfs {path}: skipped {unpacker.skipped} device node(s), fifo(s) or other special file(s) "
             f"(the guest's devtmpfs provides /dev)"
         )
-    check_root(tree)  # before the directory modes: a read-only tree could not be cleaned up
+    _check_root(tree, path)  # before the directory modes: a read-only tree could not be cleaned up
     unpacker.finish_dirs()
 
 

@@ -160,7 +160,9 @@ def test_device_nodes_and_fifos_are_skipped_with_one_warning(tmp_path: Path) -> 
 
 def test_tar_without_a_shell_is_refused_and_not_cached(tmp_path: Path) -> None:
     tar = write_tar(tmp_path / "root.tar", [folder("etc"), reg("etc/hostname", b"x\n")])
-    with pytest.raises(ImageError, match=r"has no /bin/sh: commands run through /bin/sh -c; add a shell"):
+    with pytest.raises(
+        ImageError, match=rf"^rootfs {tar} has no /bin/sh: commands run through /bin/sh -c; add a shell"
+    ):
         user_root(tar, tmp_path / "cache", lambda m: None)
     assert [p.name for p in (tmp_path / "cache" / "rootfs").iterdir() if not p.name.endswith(".lock")] == []
 
