@@ -151,7 +151,10 @@ def _stamp(request: list[str]) -> str | None:
     prefs = sorted([*APT_PREFERENCES.glob("preferences"), *APT_PREFERENCES.glob("preferences.d/*")])
     parts = [" ".join(request), platform.machine(), ROOTFS_VERSION]
     for path in (*lists, *prefs):
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError:  # `apt-get update` is replacing it right now: ask apt itself
+            return None
         parts.append(f"{path}:{st.st_mtime_ns}:{st.st_size}")
     return "|".join(parts)
 
