@@ -81,7 +81,7 @@ from pytest_microvm.image.rootfs import resolve_in_root
 from pytest_microvm.image.sources import APT_LISTS, Progress
 
 # Bump when the layout of the unpacked root or a fix-up changes: old cache entries then stop matching.
-ROOTFS_VERSION = "1"
+ROOTFS_VERSION = "2"
 APT_PREFERENCES = Path("/etc/apt")
 # A Debian package name, optionally with :arch and =version or /release (what `apt-get install` takes).
 _PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]*(:[a-z0-9-]+)?([=/][A-Za-z0-9.+~:_-]+)?")
@@ -480,9 +480,14 @@ def fix_etc(tree: Path) -> None:
 
 
 def _mount_points(tree: Path) -> None:
+    """Mount points, and the directories Debian's base-files makes (not in the closure
+    unless something depends on it): a test writing /srv/x or /var/log/y finds them."""
     for path, mode in (("dev", 0o755), ("proc", 0o555), ("sys", 0o555), ("run", 0o755), ("mnt", 0o755)):
         _ensure_dir(tree, path, mode)
+    for path in ("srv", "opt", "home", "media", "var/log", "var/cache", "var/lib", "var/spool"):
+        _ensure_dir(tree, path, 0o755)
     _ensure_dir(tree, "tmp", 0o1777)
+    _ensure_dir(tree, "var/tmp", 0o1777)
     _ensure_dir(tree, "root", 0o700)
 
 
