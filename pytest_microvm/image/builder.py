@@ -1,4 +1,10 @@
-"""Builds the guest image: PVH vmlinux + an initramfs with busybox, the agent as /init, modules.
+"""Builds the guest image: PVH vmlinux + an initramfs with busybox, the agent as /init, modules,
+and optionally the guest's own root filesystem (distro packages or a user's root) as EROFS.
+
+The root is a read-only EROFS image on a virtio-blk disk; the agent mounts it under a
+tmpfs overlay and switches into it (docs/protocol.md, "Guest root"). Without
+``mkfs.erofs`` the root is packed into the initramfs instead: it works, but the kernel
+unpacks all of it into guest RAM at every boot.
 
 Everything lands in the cache (:mod:`pytest_microvm.cache`) under a directory named by a
 hash of its inputs, so a rebuild only happens when an input changes. Each cached step
@@ -9,7 +15,9 @@ one, and never build twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -33,11 +41,14 @@ from pytest_microvm.image.sources import (
     user_kernel,
 )
 
+log = logging.getLogger(__name__)
+
 # Bump when the image layout or what /init expects changes: old cache entries then stop matching.
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 AGENT_CFLAGS = ("-static", "-O2", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 MANIFEST = "manifest.json"
 KNOWN_FEATURES = frozenset({"ssh"})
+HOST_ROOT = "host"  # rootfs="host": the host's own / over 9p, read-only, under a tmpfs overlay
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,14 @@ class GuestImage:
     key: str
     features: tuple[str, ...] = ()
     ssh_host_key: str | None = None  # "ssh-ed25519 AAAA...", with the ssh feature
+    # Where commands run: "initramfs" (busybox, or a root packed into the initramfs),
+    # "erofs" (``root_disk`` under a tmpfs overlay) or "host" (the host's / over 9p).
+    root_kind: str = "initramfs"
+    root_disk: Path | None = None
+    packages: tuple[str, ...] = ()  # as asked for; the resolved closure is in the manifest
+    rootfs: str | None = None  # the user's root as given (directory, tar, or "host")
+    # MODULE_GROUPS the kernel can do (modules listed in /etc/microvm/modules.<group>).
+    module_groups: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
@@ -69,6 +88,11 @@ class GuestImage:
             key=data["key"],
             features=tuple(data.get("features", ())),
             ssh_host_key=data.get("ssh_host_key"),
+            root_kind=data.get("root_kind", "initramfs"),
+            root_disk=directory / data["root_disk"] if data.get("root_disk") else None,
+            packages=tuple(data.get("packages", ())),
+            rootfs=data.get("rootfs"),
+            module_groups=tuple(data.get("module_groups", ())),
         )
 
 
@@ -109,12 +133,43 @@ def _agent_version(agent: Path) -> str:
     return out.stdout.strip()
 
 
+def _add_tree(w: CpioWriter, tree: Path) -> None:
+    """Everything under ``tree`` as it is: directories, files with their modes, symlinks
+    as symlinks (a root's absolute links point inside the guest, never on the host)."""
+    for dirpath, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted(dirnames) + sorted(filenames):
+            path = base / name
+            rel = path.relative_to(tree).as_posix()
+            if w.has(rel):
+                continue
+            st = path.lstat()
+            if path.is_symlink():
+                w.symlink(rel, os.readlink(path))
+            elif path.is_dir():
+                w.directory(rel, st.st_mode & 0o7777)
+            elif path.is_file():
+                w.file(rel, path.read_bytes(), st.st_mode & 0o7777)
+
+
 def _write_initramfs(
-    out: Path, agent: Path, busybox: Path, modules: tuple[Path, ...], extra_root: Path | None = None
+    out: Path,
+    agent: Path,
+    busybox: Path | None,
+    modules: tuple[Path, ...],
+    groups: dict[str, tuple[Path, ...]],
+    extra_root: Path | None = None,
+    root_tree: Path | None = None,
 ) -> None:
-    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
+    """The initramfs: the agent as /init, its module lists, and busybox as the userland,
+    or (``root_tree``, the fallback without mkfs.erofs) a whole root as the userland."""
     with out.open("wb") as fh:
         w = CpioWriter(fh)
+        if root_tree is not None:
+            if (root_tree / "init").exists() or (root_tree / "init").is_symlink():
+                raise ImageError(f"{root_tree} has its own /init, where the guest agent must go")
+            _add_tree(w, root_tree)
         for d in (
             "bin",
             "sbin",
@@ -135,34 +190,45 @@ def _write_initramfs(
             "var",
             "mnt",
         ):
-            w.directory(d, 0o700 if d == "root" else 0o755)
-        w.directory("tmp", 0o1777)
+            if not w.has(d):
+                w.directory(d, 0o700 if d == "root" else 0o755)
+        if not w.has("tmp"):
+            w.directory("tmp", 0o1777)
         # The kernel opens /dev/console for init before anything is mounted.
         w.char_device("dev/console", 5, 1)
         w.char_device("dev/null", 1, 3, 0o666)
         w.file("init", agent.read_bytes(), 0o755)
-        w.symlink("usr/bin/microvm-agent", "/init")  # the tool modes (--connect, --listen, --echo)
-        w.file("bin/busybox", busybox.read_bytes(), 0o755)
-        for applet in applets:
-            if applet != "bin/busybox" and not applet.startswith("linuxrc"):
-                w.symlink(applet, "/bin/busybox")
-        names = []
-        for mod in modules:
-            w.file(f"lib/modules/microvm/{mod.name}", mod.read_bytes())
-            names.append(f"/lib/modules/microvm/{mod.name}")
-        w.file("etc/microvm/modules", "".join(f"{n}\n" for n in names).encode())
-        w.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-        w.file("etc/group", b"root:x:0:\n")
-        w.file("etc/hostname", b"microvm\n")
+        if not w.has("usr/bin/microvm-agent"):
+            w.symlink("usr/bin/microvm-agent", "/init")  # the tool modes (--connect, --listen, --echo)
+        if busybox is not None:
+            applets = subprocess.run(
+                [str(busybox), "--list-full"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            w.file("bin/busybox", busybox.read_bytes(), 0o755)
+            for applet in applets:
+                if applet != "bin/busybox" and not applet.startswith("linuxrc") and not w.has(applet):
+                    w.symlink(applet, "/bin/busybox")
+        written: set[str] = set()
+
+        def module_list(paths: tuple[Path, ...]) -> bytes:
+            for mod in paths:
+                if mod.name not in written:
+                    written.add(mod.name)
+                    w.file(f"lib/modules/microvm/{mod.name}", mod.read_bytes())
+            return "".join(f"/lib/modules/microvm/{m.name}\n" for m in paths).encode()
+
+        w.file("etc/microvm/modules", module_list(modules))
+        for group, paths in sorted(groups.items()):
+            w.file(f"etc/microvm/modules.{group}", module_list(paths))
+        for name, data in (
+            ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/group", b"root:x:0:\n"),
+            ("etc/hostname", b"microvm\n"),
+        ):
+            if not w.has(name):
+                w.file(name, data)
         if extra_root is not None:  # a feature's tree (e.g. dropbear and its libraries), as it is
-            made = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "lib", "var", "mnt", "root", "tmp", "dev"}
-            for path in sorted(extra_root.rglob("*")):
-                rel = path.relative_to(extra_root).as_posix()
-                if path.is_dir():
-                    if rel not in made:
-                        w.directory(rel)
-                else:
-                    w.file(rel, path.read_bytes(), path.stat().st_mode & 0o7777)
+            _add_tree(w, extra_root)
         w.close()
 
 
@@ -173,6 +239,8 @@ def build_image(
     cache: str | os.PathLike[str] | None = None,
     progress: Progress = lambda _m: None,
     features: tuple[str, ...] = (),
+    packages: tuple[str, ...] | list[str] = (),
+    rootfs: str | os.PathLike[str] | None = None,
 ) -> GuestImage:
     """Build (or find in the cache) the guest image and return it.
 
@@ -183,10 +251,28 @@ def build_image(
     ``modules``: that kernel's ``lib/modules/<release>`` tree, if its vsock and virtio
     drivers are modules (a .deb brings its own).
     ``features``: optional extras; ``("ssh",)`` adds dropbear for ``MicroVM.ssh()``.
+    ``packages``: distro packages (with their dependencies, from the host's apt) that make
+    the guest's root, with busybox beneath: ``("python3", "iproute2")``.
+    ``rootfs``: the guest's root instead: a directory or a tar (``docker export``,
+    debootstrap, mkosi), or ``"host"`` for the host's own ``/`` (read-only over 9p).
+    Either root is packed as EROFS and gets a tmpfs overlay in the guest.
     """
     unknown = set(features) - KNOWN_FEATURES
     if unknown:
         raise ImageError(f"unknown image feature(s) {sorted(unknown)}; known: {sorted(KNOWN_FEATURES)}")
+    packages = tuple(sorted({p.strip() for p in packages if p.strip()}))
+    rootfs = os.fspath(rootfs) if rootfs not in (None, "") else None
+    if packages and rootfs is not None:
+        raise ImageError(
+            f"packages {list(packages)} and rootfs={rootfs!r} do not combine: packages make a root of "
+            "their own; put them into your rootfs instead"
+        )
+    if rootfs == HOST_ROOT:
+        base = build_image(kernel=kernel, modules=modules, cache=cache, progress=progress, features=features)
+        missing = {"9p", "overlay"} - set(base.module_groups)
+        if missing:
+            raise ImageError(f"rootfs='host' needs 9p and overlayfs, which kernel {base.kernel_release} lacks")
+        return dataclasses.replace(base, root_kind="host", rootfs=HOST_ROOT)
     root = default_cache_dir(cache)
     if kernel is None or kernel == "debian":
         kfiles: KernelFiles = debian_kernel(root, progress)
@@ -199,6 +285,27 @@ def build_image(
     agent = build_agent(root, progress)
     busybox = find_busybox(root, progress)
     ssh = ssh_bundle(root, progress) if "ssh" in features else None
+    root_tree: Path | None = None
+    root_key: str | None = None
+    resolved: tuple[str, ...] = ()
+    # Imported here: an image without a root of its own never needs them.
+    if packages:
+        from pytest_microvm.image.packages import package_root
+
+        built_root = package_root(packages, root, progress, busybox)
+        root_tree, root_key, resolved = built_root.tree, built_root.key, built_root.packages
+    elif rootfs is not None:
+        from pytest_microvm.image.rootfs import user_root
+
+        given = user_root(Path(rootfs), root, progress)
+        root_tree, root_key = given.tree, given.key
+    root_kind = "initramfs"
+    if root_tree is not None:
+        from pytest_microvm.image.rootfs import have_mkfs_erofs
+
+        root_kind = "erofs" if have_mkfs_erofs() else "initramfs"
+        if root_kind == "erofs" and "blk" not in kfiles.groups:
+            raise ImageError(f"kernel {kfiles.release} has no virtio-blk and EROFS drivers for a root disk")
     key = sha256_bytes(
         json.dumps(
             {
@@ -209,6 +316,8 @@ def build_image(
                 "modules": [m.name for m in kfiles.modules],
                 "features": sorted(features),
                 "ssh": ssh.root.parent.name if ssh else None,
+                "root": root_key,
+                "root_kind": root_kind,
             },
             sort_keys=True,
         ).encode()
@@ -232,8 +341,29 @@ def build_image(
             else:
                 data = raw
         (staging / kernel_name).write_bytes(data)
-        progress(f"writing the initramfs (busybox, agent, {len(kfiles.modules)} modules)")
-        _write_initramfs(staging / "initramfs.cpio", agent, busybox, kfiles.modules, ssh.root if ssh else None)
+        packed = root_tree if root_tree is not None and root_kind == "initramfs" else None
+        if packed is not None:
+            warning = (
+                "mkfs.erofs is missing (Debian/Ubuntu: apt-get install erofs-utils): the root goes into "
+                "the initramfs instead, which the kernel unpacks into guest RAM at every boot (slower, "
+                "and the guest needs memory for all of it)"
+            )
+            log.warning(warning)
+            progress("WARNING: " + warning)
+        elif root_tree is not None:
+            from pytest_microvm.image.rootfs import make_erofs
+
+            make_erofs(root_tree, staging / "root.erofs", progress)
+        progress(f"writing the initramfs (agent, {len(kfiles.modules)} modules)")
+        _write_initramfs(
+            staging / "initramfs.cpio",
+            agent,
+            None if packed is not None else busybox,
+            kfiles.modules,
+            kfiles.groups,
+            ssh.root if ssh else None,
+            packed,
+        )
         manifest = {
             "key": key,
             "kernel": kernel_name,
@@ -244,6 +374,12 @@ def build_image(
             "modules": [m.name for m in kfiles.modules],
             "features": sorted(features),
             "ssh_host_key": ssh.host_key if ssh else None,
+            "root_kind": root_kind,
+            "root_disk": "root.erofs" if root_tree is not None and root_kind == "erofs" else None,
+            "packages": list(packages),
+            "packages_resolved": list(resolved),
+            "rootfs": os.path.abspath(rootfs) if rootfs is not None else None,
+            "module_groups": sorted(kfiles.groups),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
