@@ -26,6 +26,7 @@ _EXPORTS = {
     "MicroVM": "pytest_microvm.machine",
     "Runstate": "pytest_microvm.machine",
     "VMConfig": "pytest_microvm.machine",
+    "Share": "pytest_microvm.machine",
     "boot": "pytest_microvm.machine",
     "AgentError": "pytest_microvm.errors",
     "BootError": "pytest_microvm.errors",
@@ -58,6 +59,7 @@ __all__ = [
     "Process",
     "ProtocolError",
     "Runstate",
+    "Share",
     "VMConfig",
     "__version__",
     "boot",
@@ -91,5 +93,5 @@ if TYPE_CHECKING:
         ProtocolError,
     )
     from pytest_microvm.image import GuestImage, build_agent, build_image
-    from pytest_microvm.machine import MicroVM, Runstate, VMConfig, boot
+    from pytest_microvm.machine import MicroVM, Runstate, Share, VMConfig, boot
     from pytest_microvm.result import CommandResult

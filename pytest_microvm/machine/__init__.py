@@ -6,11 +6,12 @@
 - :mod:`.allocation`: guest CIDs and host ports for the kernel vhost-vsock path.
 - :mod:`.config`: VMConfig, how to boot one VM.
 - :mod:`.network`: the user-mode network (NIC, addresses, forwarded ports).
+- :mod:`.storage`: the guest's root disk or host root, and host directory shares (9p).
 - :mod:`.ssh`: paramiko clients to the guest's dropbear.
 - :mod:`.vm`: MicroVM, the lifecycle that ties them together.
 """
 
-from pytest_microvm.machine.config import VMConfig
+from pytest_microvm.machine.config import Share, VMConfig
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import QemuProcess, qemu_argv
 from pytest_microvm.machine.vm import MicroVM, Runstate, boot
@@ -21,6 +22,7 @@ __all__ = [
     "MicroVM",
     "QemuProcess",
     "Runstate",
+    "Share",
     "VMConfig",
     "boot",
     "choose",

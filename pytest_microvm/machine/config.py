@@ -7,14 +7,59 @@ not a boot that fails later.
 
 from __future__ import annotations
 
+import os
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from pytest_microvm.channel.kernel import DEFAULT_PORT
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory the guest sees (virtio-9p); ``readonly`` shares refuse writes (EROFS)."""
+
+    host: Path
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", Path(self.host))
+
+    @classmethod
+    def parse(cls, spec: str) -> tuple[str, Share]:
+        """``HOST:GUEST[:ro|:rw]`` (the CLI's and ini's form) as (guest path, Share)."""
+        parts = spec.split(":")
+        readonly = False
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            readonly = parts.pop() == "ro"
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise ConfigError(f"share {spec!r}: write HOST:GUEST or HOST:GUEST:ro (paths without ':')")
+        return parts[1], cls(Path(parts[0]), readonly)
+
+
+ShareSpec = Union[str, "os.PathLike[str]", Share]
+# Where a share may not go: the guest's own API file systems and its fresh /tmp and /run.
+_RESERVED_GUEST_PATHS = ("/", "/proc", "/sys", "/dev", "/tmp", "/run")
+
+
+def _shares(shares: Mapping[str, ShareSpec]) -> dict[str, Share]:
+    out: dict[str, Share] = {}
+    for guest, spec in shares.items():
+        share = spec if isinstance(spec, Share) else Share(Path(spec))
+        if not isinstance(guest, str) or not guest.startswith("/"):
+            raise ConfigError(f"share guest path {guest!r} is not absolute: write e.g. {{'/src': '{share.host}'}}")
+        normal = posixpath.normpath(guest)
+        if normal in _RESERVED_GUEST_PATHS or normal.startswith(("/proc/", "/sys/", "/dev/")):
+            raise ConfigError(f"share guest path {guest}: the guest's own {normal} cannot be a share")
+        if not share.host.is_dir():
+            what = "does not exist" if not share.host.exists() else "is not a directory"
+            raise ConfigError(f"share {guest}: host path {share.host} {what}")
+        out[normal] = Share(share.host.resolve(), share.readonly)
+    return out
 
 
 @dataclass(frozen=True)
@@ -35,6 +80,13 @@ class VMConfig:
     # A NIC on QEMU's user-mode network (guest 10.0.2.15, NAT to the host's network), with
     # guest TCP port 22 forwarded from 127.0.0.1 (vm.ssh(transport="network")).
     network: bool = False
+    # The guest's root (build_image builds it, cached): distro packages from the host's
+    # apt, or a directory / tar / "host" (the host's / over 9p). Empty: busybox only.
+    packages: tuple[str, ...] = ()
+    rootfs: str | None = None
+    # Host directories in the guest, {guest path: host path or Share(host, readonly=True)},
+    # mounted over virtio-9p once the agent is up.
+    shares: Mapping[str, ShareSpec] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
 
     def __post_init__(self) -> None:
@@ -46,6 +98,19 @@ class VMConfig:
             raise ConfigError(f"boot_timeout={self.boot_timeout}: must be positive")
         if not 1 <= self.port < 0xFFFFFFFF:
             raise ConfigError(f"port={self.port}: not a vsock port")
+        if isinstance(self.packages, str):  # a lone "python3" would be seven packages
+            object.__setattr__(self, "packages", (self.packages,))
+        object.__setattr__(self, "packages", tuple(self.packages))
+        if self.rootfs is not None:
+            object.__setattr__(self, "rootfs", os.fspath(self.rootfs))
+        if self.packages and self.rootfs is not None:
+            raise ConfigError("packages and rootfs do not combine: packages make a root of their own")
+        object.__setattr__(self, "shares", _shares(self.shares))
+
+    def share_list(self) -> list[tuple[str, Share]]:
+        """The shares as (guest path, Share), validated and in a stable order."""
+        shares = [(guest, share) for guest, share in self.shares.items() if isinstance(share, Share)]
+        return sorted(shares, key=lambda item: item[0])
 
     def with_(self, **changes: Any) -> VMConfig:
         """A copy with some fields changed (the marker and hooks use this)."""

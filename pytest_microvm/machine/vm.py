@@ -38,8 +38,7 @@ from pytest_microvm.errors import (
     GuestError,
     MicroVMError,
 )
-from pytest_microvm.image import build_image
-from pytest_microvm.machine import network
+from pytest_microvm.machine import network, storage
 from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
@@ -123,6 +122,8 @@ class MicroVM:
         self._ssh: GuestSsh | None = None
         self._forwards: dict[int, Process] = {}
         self.forwarded_ports: dict[int, int] = {}  # with config.network: guest TCP port -> 127.0.0.1 port
+        # Where commands without a cwd start: the host's cwd in host-userland mode, else "/".
+        self.default_cwd: str | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -153,7 +154,8 @@ class MicroVM:
         if self.choice.accel == "tcg" and cfg.accel == "auto" and not _warned_tcg:
             _warned_tcg = True  # once per process: the pytest header and the CLI say it too
             self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
-        image = cfg.image or build_image()
+        image = storage.image_for(cfg)
+        self.default_cwd = storage.default_cwd(image, os.getcwd())
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
         self._sockdir = _socket_dir(self.workdir)
         self.monitor = Monitor(self._sockdir / "qmp.sock")
@@ -177,10 +179,16 @@ class MicroVM:
             console=console,
             memory_mib=cfg.memory_mib,
             vcpus=cfg.vcpus,
-            cmdline=[f"microvm.token={self.token}", f"microvm.port={port}", *cfg.kernel_cmdline],
+            cmdline=[
+                f"microvm.token={self.token}",
+                f"microvm.port={port}",
+                *storage.cmdline(image, cfg),
+                *cfg.kernel_cmdline,
+            ],
             shared_memory=self.choice.vsock == "userspace",
             extra=[
                 *channel_args,
+                *storage.qemu_args(image, cfg),
                 *self.monitor.qemu_args(),
                 *(network.qemu_args(NETWORK_FORWARDS) if cfg.network else []),
                 *cfg.qemu_args,
@@ -202,6 +210,11 @@ class MicroVM:
             self.monitor.connect()  # QEMU made its monitor socket long before the guest was up
         except MonitorError as exc:
             raise self._failure(f"QEMU's monitor did not answer ({exc})", BootError) from exc
+        mount = storage.mount_command(cfg)
+        if mount is not None:
+            r = self._client.run(mount, timeout=30)
+            if r.exit_code != 0:
+                raise self._failure(f"mounting the shares failed: {r.stderr.decode(errors='replace')}", BootError)
         if cfg.network:
             self._setup_network()
         self._write_state(port)
@@ -384,6 +397,7 @@ class MicroVM:
         check: bool = False,
     ) -> CommandResult:
         """Run a command in the guest (argv list, or a string for /bin/sh -c); see AgentClient.run."""
+        cwd = self.default_cwd if cwd is None else cwd
         return self._guard(lambda: self.client.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, check=check))
 
     def start_process(
@@ -399,6 +413,7 @@ class MicroVM:
         """Start a command and stream it (write stdin, read output as it comes, kill, wait).
 
         ``pty=(rows, cols)`` gives it a terminal (see AgentClient.start)."""
+        cwd = self.default_cwd if cwd is None else cwd
         return self._guard(lambda: self.client.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, pty=pty))
 
     def put_file(self, local: str | os.PathLike[str], remote: str, *, mode: int | None = None) -> None:
