@@ -30,6 +30,7 @@ from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.kernel_build import check_build_tools
 from pytest_microvm.image.sources import KERNEL_HELP, describe_kernel
 from pytest_microvm.machine import MicroVM, QemuProcess, VMConfig, choose, detect_host, qemu_argv
+from pytest_microvm.machine.config import Share
 from pytest_microvm.result import CommandResult
 
 
@@ -42,16 +43,35 @@ def _progress() -> Callable[[str], None]:
     return say
 
 
+def _packages(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (args.packages or "").split(",") if p.strip())
+
+
 def _build(args: argparse.Namespace) -> GuestImage:
-    return build_image(kernel=args.kernel, modules=args.modules, cache=args.cache_dir, progress=_progress())
+    return build_image(
+        kernel=args.kernel, modules=args.modules, cache=args.cache_dir, progress=_progress(),
+        packages=_packages(args), rootfs=args.rootfs,
+    )  # fmt: skip
 
 
 def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
     """The VMConfig that `run` and `shell` options ask for, with the image built first."""
+    shares = dict(Share.parse(spec) for spec in args.share)  # checked before the image is built
     return VMConfig(
         image=_build(args), memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock,
-        boot_timeout=args.boot_timeout, network=args.network,
+        boot_timeout=args.boot_timeout, network=args.network, packages=_packages(args), rootfs=args.rootfs,
+        shares=shares,
     ).with_(**changes)  # fmt: skip
+
+
+def _root_options(p: argparse.ArgumentParser) -> None:
+    """What the guest's root is made of (the image build's options)."""
+    p.add_argument(
+        "--packages", metavar="A,B", help="distro packages for the guest's root, from the host's apt (e.g. python3)"
+    )
+    p.add_argument(
+        "--rootfs", metavar="DIR|TAR|host", help="the guest's root: a directory, a tar, or host (the host's / over 9p)"
+    )
 
 
 def _vm_options(p: argparse.ArgumentParser) -> None:
@@ -62,6 +82,11 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
     p.add_argument("--kernel", help=KERNEL_HELP)
     p.add_argument("--network", action="store_true", help="give the guest a NIC on QEMU's user-mode network (NAT)")
+    _root_options(p)
+    p.add_argument(
+        "--share", action="append", default=[], metavar="HOST:GUEST[:ro]",
+        help="a host directory in the guest over 9p (repeatable; :ro refuses writes)",
+    )  # fmt: skip
     p.add_argument("--boot-timeout", type=float, default=120.0, help="seconds the guest may take to boot")
     p.add_argument("--modules", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -73,6 +98,12 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     print(f"kernel:    {image.kernel} ({image.kernel_release}, {'PVH' if image.pvh else 'bzImage'} boot)")
     print(f"initramfs: {image.initramfs}")
     print(f"agent:     {image.agent_version}; modules: {' '.join(image.modules) or '(none: built in)'}")
+    if image.root_disk is not None:
+        print(f"root:      {image.root_disk} ({image.root_disk.stat().st_size / 1e6:.1f} MB, EROFS)")
+    elif image.root_kind == "host":
+        print("root:      the host's / over 9p, read-only, under a tmpfs overlay")
+    elif image.packages or image.rootfs:
+        print("root:      packed into the initramfs (mkfs.erofs missing)")
     return 0
 
 
@@ -324,6 +355,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--kernel", help=KERNEL_HELP)
         p.add_argument("--modules", help="lib/modules/<release> of --kernel, if it needs modules")
         p.add_argument("--cache-dir", help="cache directory (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)")
+        _root_options(p)
         if name == "check":
             p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent (default 60)")
         p.set_defaults(func=func)

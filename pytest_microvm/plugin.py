@@ -27,9 +27,11 @@ from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_kernel
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
+from pytest_microvm.machine.config import Share
 
 _VMS = pytest.StashKey[list[MicroVM]]()
 _CALL_FAILED = pytest.StashKey[bool]()
+_IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], GuestImage]]()
 CONSOLE_IN_REPORT = 3000
 
 _OPTIONS: list[tuple[str, str, str | None, str]] = [
@@ -43,6 +45,9 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("boot-timeout", "float", "120", "seconds a guest may take to become ready"),
     ("cache-dir", "path", None, "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)"),
     ("features", "str", None, "image features, comma-separated: ssh (dropbear, for vm.ssh())"),
+    ("packages", "list", None, "distro packages for the guest's root, comma-separated, from the host's apt"),
+    ("rootfs", "rootfs", None, "the guest's root instead: a directory, a tar, or host (the host's / over 9p)"),
+    ("shares", "list", None, "host directories in the guest over 9p, comma-separated HOST:GUEST[:ro]"),
 ]
 
 
@@ -83,9 +88,11 @@ def _setting(config: pytest.Config, name: str) -> Any:
             return float(value)
     except ValueError:
         raise pytest.UsageError(f"--microvm-{name}: {value!r} is not a number") from None
-    if kind == "kernel" and value in KERNEL_KEYWORDS:
+    if kind == "list":
+        return tuple(v.strip() for v in str(value).replace("\n", ",").split(",") if v.strip())
+    if (kind == "kernel" and value in KERNEL_KEYWORDS) or (kind == "rootfs" and value == "host"):
         return str(value)
-    if kind in ("path", "kernel") and not os.path.exists(str(value)):
+    if kind in ("path", "kernel", "rootfs") and not os.path.exists(str(value)):
         raise pytest.UsageError(f"--microvm-{name}: {value} does not exist")
     return str(value)
 
@@ -104,6 +111,9 @@ def _base_config(config: pytest.Config) -> VMConfig:
             vsock=_setting(config, "vsock"),
             boot_timeout=_setting(config, "boot-timeout"),
             keep=_keep_on_failure(config),
+            packages=_setting(config, "packages") or (),
+            rootfs=_setting(config, "rootfs"),
+            shares=dict(Share.parse(spec) for spec in _setting(config, "shares") or ()),
         )
     except ConfigError as exc:
         raise pytest.UsageError(f"microvm: {exc}") from None
@@ -143,23 +153,35 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 # ---- fixtures -------------------------------------------------------------------------
 
 
+def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None) -> GuestImage:
+    """The image with the session's kernel and features and this root; built once per
+    session for each root asked for (cached across sessions, locked across workers)."""
+    images = config.stash.setdefault(_IMAGES, {})
+    key = (tuple(sorted(set(packages))), rootfs)
+    if key not in images:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+
+        def progress(message: str) -> None:
+            if reporter is not None:
+                reporter.write_line(f"microvm image: {message}")
+
+        features = tuple(f.strip() for f in (_setting(config, "features") or "").split(",") if f.strip())
+        images[key] = build_image(
+            kernel=_setting(config, "kernel"),
+            modules=_setting(config, "modules"),
+            cache=_setting(config, "cache-dir"),
+            progress=progress,
+            features=features,
+            packages=packages,
+            rootfs=rootfs,
+        )
+    return images[key]
+
+
 @pytest.fixture(scope="session")
 def microvm_image(pytestconfig: pytest.Config) -> GuestImage:
     """The guest image, built once per session (cached across sessions, locked across workers)."""
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-
-    def progress(message: str) -> None:
-        if reporter is not None:
-            reporter.write_line(f"microvm image: {message}")
-
-    features = tuple(f.strip() for f in (_setting(pytestconfig, "features") or "").split(",") if f.strip())
-    return build_image(
-        kernel=_setting(pytestconfig, "kernel"),
-        modules=_setting(pytestconfig, "modules"),
-        cache=_setting(pytestconfig, "cache-dir"),
-        progress=progress,
-        features=features,
-    )
+    return _image(pytestconfig, _setting(pytestconfig, "packages") or (), _setting(pytestconfig, "rootfs"))
 
 
 @pytest.fixture
@@ -177,11 +199,25 @@ def microvm_config(request: pytest.FixtureRequest, microvm_image: GuestImage) ->
                 f"@pytest.mark.microvm: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}"
             )
         try:
-            cfg = cfg.with_(**marker.kwargs)
+            cfg = _changed(request.config, cfg, marker.kwargs)
         except ConfigError as exc:
             raise pytest.UsageError(f"@pytest.mark.microvm: {exc}") from None
     hooked = request.config.hook.pytest_microvm_config(config=cfg, request=request)
     return hooked if hooked is not None else cfg
+
+
+def _changed(config: pytest.Config, cfg: VMConfig, changes: dict[str, Any]) -> VMConfig:
+    """``cfg`` with the marker's or factory's changes; a new root comes with its image."""
+    changes = dict(changes)
+    # A root asked for here replaces the session's: packages= drops a session rootfs and back.
+    if "packages" in changes and "rootfs" not in changes:
+        changes["rootfs"] = None
+    if "rootfs" in changes and "packages" not in changes:
+        changes["packages"] = ()
+    cfg = cfg.with_(**changes)
+    if ("packages" in changes or "rootfs" in changes) and "image" not in changes:
+        cfg = cfg.with_(image=_image(config, cfg.packages, cfg.rootfs))
+    return cfg
 
 
 def _boot(request: pytest.FixtureRequest, cfg: VMConfig, name: str) -> MicroVM:
@@ -219,7 +255,7 @@ def microvm_factory(request: pytest.FixtureRequest, microvm_config: VMConfig) ->
     vms: list[MicroVM] = []
 
     def make(**overrides: Any) -> MicroVM:
-        vm = _boot(request, microvm_config.with_(**overrides), f"vm{len(vms)}")
+        vm = _boot(request, _changed(request.config, microvm_config, overrides), f"vm{len(vms)}")
         vms.append(vm)
         return vm
 

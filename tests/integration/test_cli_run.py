@@ -89,3 +89,26 @@ def test_attach_and_stop_say_when_there_is_no_kept_vm(tmp_path: Path) -> None:
     for command in ("attach", "stop"):
         proc = microvm(command, str(tmp_path / "gone"))
         assert proc.returncode == 1 and b"cannot read the VM state" in proc.stderr, proc.stderr
+
+
+def test_run_with_the_host_root_and_a_share(microvm_image: GuestImage, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("shared\n")
+    script = f"cat /data/in.txt && echo out > /data/out.txt && test -x {sys.executable} && echo host-python"
+    proc = microvm("run", "--rootfs", "host", "--share", f"{tmp_path}:/data", "--", "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"shared\nhost-python\n"
+    assert (tmp_path / "out.txt").read_text() == "out\n"
+
+
+def test_run_with_bad_roots_or_shares_fails_before_booting() -> None:
+    for args, message in (
+        (["--share", "/no/such/dir:/x"], b"host path /no/such/dir does not exist"),
+        (["--share", "/tmp:relative"], b"is not absolute"),
+        (["--packages", "no-such-package-microvm"], b"no-such-package-microvm"),
+        (["--rootfs", "/no/such/root.tar"], b"/no/such/root.tar"),
+    ):
+        start = time.monotonic()
+        proc = microvm("run", *args, "--", "true")
+        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
+        assert b"error: " in proc.stderr and b"Traceback" not in proc.stderr
+        assert time.monotonic() - start < 30

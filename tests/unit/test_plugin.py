@@ -85,3 +85,31 @@ def test_hookspecs_are_registered(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     # An unknown pytest_* hook in a conftest is an error; ours are known.
     pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_bad_root_and_share_options_are_usage_errors(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_nothing(): pass")
+    for args, message in (
+        (["--microvm-rootfs", "/no/such/root.tar"], "*--microvm-rootfs: /no/such/root.tar does not exist*"),
+        (["--microvm-shares", "/no/such/dir:/src"], "*share /src: host path /no/such/dir does not exist*"),
+        (["--microvm-shares", f"{pytester.path}:src"], "*share guest path 'src' is not absolute*"),
+        (["--microvm-shares", "nocolon"], "*write HOST:GUEST or HOST:GUEST:ro*"),
+        (["--microvm-packages", "python3", "--microvm-rootfs", "host"], "*packages and rootfs do not combine*"),
+    ):
+        result = pytester.runpytest(*args)
+        result.stderr.fnmatch_lines([message])
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_a_marker_with_a_bad_share_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.microvm(shares={"relative": "/"})
+        def test_marked(microvm_config):
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.stdout.fnmatch_lines(["*share guest path 'relative' is not absolute*"])

@@ -2,7 +2,7 @@
 
 Header ``<III``: request, flags, payload size; file descriptors ride along with the
 header as SCM_RIGHTS. Replies must carry flags exactly ``VERSION | REPLY`` (0x5) or QEMU
-rejects them. See ../shared/refs/vhost-user-vsock.md for the observed message sequence.
+rejects them. tests/data/qemu-7.2-vhost-user-traces holds recorded message sequences.
 """
 
 from __future__ import annotations
