@@ -29,8 +29,7 @@ from pytest_microvm.errors import ImageError, MicroVMError
 from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.kernel_build import check_build_tools
 from pytest_microvm.image.sources import KERNEL_HELP, describe_kernel
-from pytest_microvm.machine import MicroVM, QemuProcess, VMConfig, choose, detect_host, qemu_argv
-from pytest_microvm.machine.config import Share
+from pytest_microvm.machine import MicroVM, QemuProcess, Share, VMConfig, choose, detect_host, qemu_argv, storage
 from pytest_microvm.result import CommandResult
 
 
@@ -124,9 +123,15 @@ def cmd_image_check(args: argparse.Namespace) -> int:
         )
     needles = ["microvm-agent: " + image.agent_version + " running as PID 1"]
     needles += [f"microvm-agent: loaded module {m}" for m in image.modules]
+    plain = VMConfig(image=image)
+    if image.root_kind != "initramfs":  # the root disk (or host root) mounted and switched into
+        needles.append("microvm-agent: root is ")
     with tempfile.TemporaryDirectory(prefix="microvm-check-") as tmp:
         console = Path(tmp) / "console.log"
-        argv = qemu_argv(image, qemu=host.qemu, accel=host.accel, console=console)
+        argv = qemu_argv(
+            image, qemu=host.qemu, accel=host.accel, console=console,
+            cmdline=storage.cmdline(image, plain), extra=storage.qemu_args(image, plain),
+        )  # fmt: skip
         start = time.monotonic()
         with QemuProcess(argv, console, Path(tmp) / "qemu.stderr") as vm:
             text = vm.wait_for_console(needles, timeout=args.timeout)
