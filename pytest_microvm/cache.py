@@ -43,6 +43,11 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> bool:
     with FileLock(str(final) + ".lock"):
         if final.exists():
             return False
+        # Under the lock a staging directory of this entry can only be a dead builder's
+        # (killed halfway): never used, but possibly large, so it goes.
+        for stale in final.parent.glob(f".{final.name}.*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         staging.chmod(0o755)  # mkdtemp makes it 0700; a shared cache must stay readable
         try:

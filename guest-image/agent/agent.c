@@ -1026,8 +1026,12 @@ static int mount_retry(const char *src, const char *dst, const char *type, unsig
 
 static int copy_file(const char *from, const char *to, mode_t mode)
 {
+	/* A fresh file: whatever the root has there (a symlink, which would resolve in the
+	 * initramfs, possibly to /init itself) is replaced, never written through. */
+	if (unlink(to) < 0 && errno != ENOENT)
+		return -1;
 	int in = open(from, O_RDONLY | O_CLOEXEC);
-	int out = in < 0 ? -1 : open(to, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode);
+	int out = in < 0 ? -1 : open(to, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
 	char buf[65536];
 	ssize_t n = 0;
 	while (out >= 0 && (n = read(in, buf, sizeof buf)) > 0)
@@ -1046,8 +1050,9 @@ static int copy_file(const char *from, const char *to, mode_t mode)
 
 __attribute__((noreturn)) static void fatal_boot(const char *fmt, const char *arg)
 {
+	const char *why = strerror(errno);
 	fprintf(stderr, "microvm-agent: FATAL: ");
-	fprintf(stderr, fmt, arg, strerror(errno));
+	fprintf(stderr, fmt, arg, why);
 	fprintf(stderr, "; powering off\n");
 	sync();
 	reboot(RB_POWER_OFF);
@@ -1082,7 +1087,7 @@ static void switch_root(const char *root)
 		fatal_boot("the overlay's tmpfs (%s): %s", rw);
 	if (mount("overlay", top, "overlay", 0,
 		  "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work") < 0)
-		fatal_boot("mounting the overlay on %s failed: %s", lower);
+		fatal_boot("mounting the overlay on %s failed: %s", top);
 	static const char *const moved[] = { "/proc", "/sys", "/dev" };
 	char path[64];
 	for (size_t i = 0; i < sizeof moved / sizeof *moved; i++) {

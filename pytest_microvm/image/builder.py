@@ -260,12 +260,19 @@ def build_image(
     unknown = set(features) - KNOWN_FEATURES
     if unknown:
         raise ImageError(f"unknown image feature(s) {sorted(unknown)}; known: {sorted(KNOWN_FEATURES)}")
+    if isinstance(packages, str):  # a lone "python3" would be seven packages
+        packages = (packages,)
     packages = tuple(sorted({p.strip() for p in packages if p.strip()}))
     rootfs = os.fspath(rootfs) if rootfs not in (None, "") else None
     if packages and rootfs is not None:
         raise ImageError(
             f"packages {list(packages)} and rootfs={rootfs!r} do not combine: packages make a root of "
             "their own; put them into your rootfs instead"
+        )
+    if "ssh" in features and (packages or rootfs is not None):
+        raise ImageError(
+            "the ssh feature puts dropbear into the initramfs, which a guest with a root of its own leaves: "
+            "add dropbear to packages= (or your rootfs) and run it yourself, or drop the ssh feature"
         )
     if rootfs == HOST_ROOT:
         base = build_image(kernel=kernel, modules=modules, cache=cache, progress=progress, features=features)
@@ -318,6 +325,10 @@ def build_image(
                 "ssh": ssh.root.parent.name if ssh else None,
                 "root": root_key,
                 "root_kind": root_kind,
+                # The request too, not only what it resolved to: the manifest records it and
+                # a VM checks its config against it, so two requests never share an entry.
+                "packages": list(packages),
+                "rootfs": os.path.abspath(rootfs) if rootfs is not None else None,
             },
             sort_keys=True,
         ).encode()

@@ -146,9 +146,10 @@ def _walk_key(top: Path) -> str:
             st = entry.stat(follow_symlinks=False)
             link = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else ""
             h.update(
-                f"{sub}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0{st.st_mtime_ns}\0{link}\n".encode(
-                    errors="surrogateescape"
-                )
+                # ctime and inode too: an edit that keeps size and mtime (cp -p, rsync -a)
+                # still changes them, and touch cannot set ctime back.
+                f"{sub}\0{st.st_mode}\0{st.st_uid}\0{st.st_gid}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+                f"\0{st.st_ino}\0{link}\n".encode(errors="surrogateescape")
             )
             if stat.S_ISDIR(st.st_mode):
                 stack.append(sub)

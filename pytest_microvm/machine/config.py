@@ -55,6 +55,11 @@ def _shares(shares: Mapping[str, ShareSpec]) -> dict[str, Share]:
         normal = posixpath.normpath(guest)
         if normal in _RESERVED_GUEST_PATHS or normal.startswith(("/proc/", "/sys/", "/dev/")):
             raise ConfigError(f"share guest path {guest}: the guest's own {normal} cannot be a share")
+        if normal in out:
+            raise ConfigError(f"share guest path {guest}: given twice")
+        nested = [g for g in out if normal.startswith(g + "/") or g.startswith(normal + "/")]
+        if nested:
+            raise ConfigError(f"share guest paths {nested[0]} and {normal} nest: a share cannot hold another")
         if not share.host.is_dir():
             what = "does not exist" if not share.host.exists() else "is not a directory"
             raise ConfigError(f"share {guest}: host path {share.host} {what}")

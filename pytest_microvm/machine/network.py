@@ -25,7 +25,8 @@ NETDEV_ID = "net0"
 GUEST_SETUP = (
     "[ -e /sys/class/net/eth0 ] || { echo 'the guest has no eth0: no virtio-net NIC, or no driver' >&2; exit 1; }; "
     f"ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 && "
-    f"ip route add default via {GATEWAY} && echo 'nameserver {DNS}' >/etc/resolv.conf || exit 1; "
+    f"ip route add default via {GATEWAY} && rm -f /etc/resolv.conf && echo 'nameserver {DNS}' >/etc/resolv.conf "
+    "|| exit 1; "
     "for _ in $(seq 100); do [ $(cat /sys/class/net/eth0/operstate) = up ] && exit 0; sleep 0.05; done; "
     "echo 'eth0 did not come up within 5 s' >&2; exit 1"
 )

@@ -4,8 +4,9 @@ Owns the QEMU arguments and kernel command line for a root disk (EROFS on virtio
 for the host's own ``/`` as the root (virtio-9p, read-only), and for host directory
 shares (virtio-9p, built into QEMU: no daemon), and the one command that mounts the
 shares once the agent is up. The agent does the guest side (docs/protocol.md, "Guest
-root" and "Host directory shares"). Shares are mounted after boot, not at boot, so a
-VM restored from a snapshot can mount them the same way.
+root" and "Host directory shares"). Shares are mounted after boot, not at boot: the
+kernel command line never has to carry host paths, and a share needs nothing from the
+image.
 """
 
 from __future__ import annotations

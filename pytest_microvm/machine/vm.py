@@ -38,6 +38,7 @@ from pytest_microvm.errors import (
     GuestError,
     MicroVMError,
 )
+from pytest_microvm.image import GuestImage
 from pytest_microvm.machine import network, storage
 from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
 from pytest_microvm.machine.config import VMConfig
@@ -132,9 +133,12 @@ class MicroVM:
         if self.runstate is not Runstate.CREATED:
             raise MicroVMError(f"{self.name}: start() in state {self.runstate.value}; a MicroVM boots once")
         self.runstate = Runstate.STARTING
-        started = time.monotonic()
         try:
-            self._boot(started)
+            # Built (or found in the cache) before the clock starts: a first build of a
+            # root must not eat the boot timeout, and ready_seconds is the boot alone.
+            image = storage.image_for(self.config)
+            started = time.monotonic()
+            self._boot(image, started)
         except BaseException:
             # Ctrl-C and SystemExit pass through untouched, but never leave a VM behind.
             self.stop(graceful=False)
@@ -144,7 +148,7 @@ class MicroVM:
         self.log.info("ready in %.2fs (%s)", self.ready_seconds, self.choice.why if self.choice else "")
         return self
 
-    def _boot(self, started: float) -> None:
+    def _boot(self, image: GuestImage, started: float) -> None:
         cfg = self.config
         host = self._host or detect_host()
         if host.qemu is None:
@@ -154,7 +158,6 @@ class MicroVM:
         if self.choice.accel == "tcg" and cfg.accel == "auto" and not _warned_tcg:
             _warned_tcg = True  # once per process: the pytest header and the CLI say it too
             self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
-        image = storage.image_for(cfg)
         self.default_cwd = storage.default_cwd(image, os.getcwd())
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
         self._sockdir = _socket_dir(self.workdir)

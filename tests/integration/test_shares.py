@@ -65,6 +65,8 @@ def test_tmp_is_a_tmpfs_never_a_share(vm: MicroVM) -> None:
         ({"/src": "/no/such/dir"}, "does not exist"),
         ({"/": "/"}, "cannot be a share"),
         ({"/proc/x": "/"}, "cannot be a share"),
+        ({"/a": "/", "/a/b": "/"}, "nest"),
+        ({"/a": "/", "/a/": "/"}, "given twice"),
     ],
 )
 def test_bad_shares_fail_before_boot(shares: dict[str, str], message: str) -> None:

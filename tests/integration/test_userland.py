@@ -129,3 +129,24 @@ def test_a_vm_refuses_an_image_built_for_another_root(microvm_image: GuestImage)
 def test_packages_and_rootfs_do_not_combine(user_tree: Path) -> None:
     with pytest.raises(ImageError, match="do not combine"):
         build_image(packages=("python3",), rootfs=user_tree)
+    with pytest.raises(ImageError, match="the ssh feature"):
+        build_image(rootfs=user_tree, features=("ssh",))
+
+
+def test_a_root_disk_that_cannot_be_mounted_fails_the_boot_loudly(
+    microvm_image: GuestImage, user_tree: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+    import time
+
+    from pytest_microvm import BootError
+
+    image = build_image(kernel=_kernel_of(microvm_image), rootfs=user_tree)
+    garbage = tmp_path / "garbage.erofs"
+    garbage.write_bytes(os.urandom(1 << 20))
+    broken = dataclasses.replace(image, root_disk=garbage)
+    start = time.monotonic()
+    with pytest.raises(BootError) as info:
+        MicroVM(VMConfig(image=broken, rootfs=str(user_tree))).start()
+    assert "microvm-agent: FATAL: mounting the root disk /dev/vda (erofs) as EROFS failed" in info.value.console_tail
+    assert time.monotonic() - start < 60  # the guest powered off; no wait for the boot timeout
