@@ -25,13 +25,14 @@ from pytest_microvm import hookspecs
 from pytest_microvm.cache import cache_dir
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage, build_image
+from pytest_microvm.image.builder import root_request
 from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_kernel
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
 from pytest_microvm.machine.config import Share
 
 _VMS = pytest.StashKey[list[MicroVM]]()
 _CALL_FAILED = pytest.StashKey[bool]()
-_IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], GuestImage]]()
+_IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], GuestImage]]()  # by root_request()
 CONSOLE_IN_REPORT = 3000
 
 _OPTIONS: list[tuple[str, str, str | None, str]] = [
@@ -44,7 +45,7 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("vcpus", "int", "1", "guest vCPUs (under TCG one is fastest)"),
     ("boot-timeout", "float", "120", "seconds a guest may take to become ready"),
     ("cache-dir", "path", None, "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)"),
-    ("features", "str", None, "image features, comma-separated: ssh (dropbear, for vm.ssh())"),
+    ("features", "list", None, "image features, comma-separated: ssh (dropbear, for vm.ssh())"),
     ("packages", "list", None, "distro packages for the guest's root, comma-separated, from the host's apt"),
     ("rootfs", "rootfs", None, "the guest's root instead: a directory, a tar, or host (the host's / over 9p)"),
     ("shares", "list", None, "host directories in the guest over 9p, comma-separated HOST:GUEST[:ro]"),
@@ -157,7 +158,7 @@ def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None)
     """The image with the session's kernel and features and this root; built once per
     session for each root asked for (cached across sessions, locked across workers)."""
     images = config.stash.setdefault(_IMAGES, {})
-    key = (tuple(sorted(set(packages))), rootfs)
+    key = root_request(packages, rootfs)
     if key not in images:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
 
@@ -165,13 +166,12 @@ def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None)
             if reporter is not None:
                 reporter.write_line(f"microvm image: {message}")
 
-        features = tuple(f.strip() for f in (_setting(config, "features") or "").split(",") if f.strip())
         images[key] = build_image(
             kernel=_setting(config, "kernel"),
             modules=_setting(config, "modules"),
             cache=_setting(config, "cache-dir"),
             progress=progress,
-            features=features,
+            features=_setting(config, "features") or (),
             packages=packages,
             rootfs=rootfs,
         )

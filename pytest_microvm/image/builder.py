@@ -232,6 +232,20 @@ def _write_initramfs(
         w.close()
 
 
+def root_request(
+    packages: tuple[str, ...] | list[str] | str, rootfs: str | os.PathLike[str] | None
+) -> tuple[tuple[str, ...], str | None]:
+    """A root as asked for, in the one form the cache key, the manifest and a VM's check of
+    its image all use: package names sorted and unique, a rootfs path absolute."""
+    if isinstance(packages, str):  # a lone "python3" would be seven packages
+        packages = (packages,)
+    names = tuple(sorted({p.strip() for p in packages if p.strip()}))
+    if rootfs is None or os.fspath(rootfs) == "":
+        return names, None
+    path = os.fspath(rootfs)
+    return names, path if path == HOST_ROOT else os.path.abspath(path)
+
+
 def build_image(
     *,
     kernel: str | os.PathLike[str] | None = None,
@@ -260,10 +274,7 @@ def build_image(
     unknown = set(features) - KNOWN_FEATURES
     if unknown:
         raise ImageError(f"unknown image feature(s) {sorted(unknown)}; known: {sorted(KNOWN_FEATURES)}")
-    if isinstance(packages, str):  # a lone "python3" would be seven packages
-        packages = (packages,)
-    packages = tuple(sorted({p.strip() for p in packages if p.strip()}))
-    rootfs = os.fspath(rootfs) if rootfs not in (None, "") else None
+    packages, rootfs = root_request(packages, rootfs)
     if packages and rootfs is not None:
         raise ImageError(
             f"packages {list(packages)} and rootfs={rootfs!r} do not combine: packages make a root of "
@@ -328,7 +339,7 @@ def build_image(
                 # The request too, not only what it resolved to: the manifest records it and
                 # a VM checks its config against it, so two requests never share an entry.
                 "packages": list(packages),
-                "rootfs": os.path.abspath(rootfs) if rootfs is not None else None,
+                "rootfs": rootfs,
             },
             sort_keys=True,
         ).encode()
@@ -389,7 +400,7 @@ def build_image(
             "root_disk": "root.erofs" if root_tree is not None and root_kind == "erofs" else None,
             "packages": list(packages),
             "packages_resolved": list(resolved),
-            "rootfs": os.path.abspath(rootfs) if rootfs is not None else None,
+            "rootfs": rootfs,
             "module_groups": sorted(kfiles.groups),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -12,7 +12,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from pytest_microvm.channel.kernel import DEFAULT_PORT
 from pytest_microvm.errors import ConfigError
@@ -42,8 +42,15 @@ class Share:
 
 
 ShareSpec = Union[str, "os.PathLike[str]", Share]
-# Where a share may not go: the guest's own API file systems and its fresh /tmp and /run.
-_RESERVED_GUEST_PATHS = ("/", "/proc", "/sys", "/dev", "/tmp", "/run")
+# The guest's own mounts over whatever root it has: its API file systems and fresh tmpfs
+# on /tmp and /run. No share goes there, and in host-userland mode the host's files
+# below them are hidden.
+GUEST_OWN_PATHS = ("/proc", "/sys", "/dev", "/tmp", "/run")
+
+
+def is_guest_own(path: str) -> bool:
+    """True for a path on one of the guest's own mounts (GUEST_OWN_PATHS) or below one."""
+    return any(path == p or path.startswith(p + "/") for p in GUEST_OWN_PATHS)
 
 
 def _shares(shares: Mapping[str, ShareSpec]) -> dict[str, Share]:
@@ -53,7 +60,7 @@ def _shares(shares: Mapping[str, ShareSpec]) -> dict[str, Share]:
         if not isinstance(guest, str) or not guest.startswith("/"):
             raise ConfigError(f"share guest path {guest!r} is not absolute: write e.g. {{'/src': '{share.host}'}}")
         normal = posixpath.normpath(guest)
-        if normal in _RESERVED_GUEST_PATHS or normal.startswith(("/proc/", "/sys/", "/dev/")):
+        if normal == "/" or normal in GUEST_OWN_PATHS or normal.startswith(("/proc/", "/sys/", "/dev/")):
             raise ConfigError(f"share guest path {guest}: the guest's own {normal} cannot be a share")
         if normal in out:
             raise ConfigError(f"share guest path {guest}: given twice")
@@ -114,8 +121,8 @@ class VMConfig:
 
     def share_list(self) -> list[tuple[str, Share]]:
         """The shares as (guest path, Share), validated and in a stable order."""
-        shares = [(guest, share) for guest, share in self.shares.items() if isinstance(share, Share)]
-        return sorted(shares, key=lambda item: item[0])
+        shares = cast(Mapping[str, Share], self.shares)  # __post_init__ made every value a Share
+        return sorted(shares.items(), key=lambda item: item[0])
 
     def with_(self, **changes: Any) -> VMConfig:
         """A copy with some fields changed (the marker and hooks use this)."""

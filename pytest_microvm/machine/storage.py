@@ -11,17 +11,14 @@ image.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.machine.config import Share, VMConfig
+from pytest_microvm.image.builder import root_request
+from pytest_microvm.machine.config import Share, VMConfig, is_guest_own
 
 HOST_ROOT_TAG = "hostroot"
-# Where the guest's own mounts hide the host's files in host-userland mode: a host
-# working directory below one of these is not what the guest would see there.
-_GUEST_PRIVATE = ("/proc", "/sys", "/dev", "/tmp", "/run")
 
 
 def _qemu_path(path: Path) -> str:
@@ -37,15 +34,14 @@ def image_for(config: VMConfig) -> GuestImage:
     packages or rootfs. A ConfigError, before anything starts, for a mismatch or for
     what the image's kernel cannot do."""
     image = config.image
+    asked = root_request(config.packages, config.rootfs)
     if image is None:
         image = build_image(packages=config.packages, rootfs=config.rootfs)
-    elif config.packages or config.rootfs is not None:
-        rootfs = config.rootfs if config.rootfs in (None, "host") else os.path.abspath(config.rootfs)
-        if tuple(sorted(set(config.packages))) != image.packages or rootfs != image.rootfs:
-            raise ConfigError(
-                f"image {image.key} was not built for packages={list(config.packages)} rootfs={config.rootfs!r}: "
-                "pass build_image(packages=..., rootfs=...) as image=, or leave image= unset"
-            )
+    elif asked != ((), None) and asked != (image.packages, image.rootfs):
+        raise ConfigError(
+            f"image {image.key} was not built for packages={list(config.packages)} rootfs={config.rootfs!r}: "
+            "pass build_image(packages=..., rootfs=...) as image=, or leave image= unset"
+        )
     _check(image, config)
     return image
 
@@ -125,8 +121,6 @@ def mount_command(config: VMConfig) -> list[str] | None:
 def default_cwd(image: GuestImage, host_cwd: str) -> str | None:
     """Where commands start when they name no cwd: in host-userland mode the host's own
     working directory, when the guest sees the same files there; else the agent's '/'."""
-    if image.root_kind != "host":
-        return None
-    if any(host_cwd == p or host_cwd.startswith(p + "/") for p in _GUEST_PRIVATE):
+    if image.root_kind != "host" or is_guest_own(host_cwd):
         return None
     return host_cwd

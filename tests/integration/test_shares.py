@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import ConfigError, GuestImage, MicroVM, VMConfig, build_image
-from pytest_microvm.machine.config import Share
+from pytest_microvm.machine.config import Share, is_guest_own
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,19 +85,13 @@ def test_share_specs_parse() -> None:
 
 
 @pytest.fixture(scope="module")
-def host_vm(microvm_image: GuestImage) -> Iterator[MicroVM]:
-    image = build_image(kernel=_kernel_of(microvm_image), rootfs="host")
+def host_vm(session_kernel: str | None) -> Iterator[MicroVM]:
+    image = build_image(kernel=session_kernel, rootfs="host")
     # The guest sees the host's files everywhere but under its own /tmp, /run, /proc, /sys
     # and /dev: a checkout there (a CI clone in /tmp) comes in as a share at the same path.
-    hidden = any(str(REPO).startswith(p + "/") for p in ("/tmp", "/run", "/proc", "/sys", "/dev"))
-    shares = {str(REPO): REPO} if hidden else {}
+    shares = {str(REPO): REPO} if is_guest_own(str(REPO)) else {}
     with MicroVM(VMConfig(image=image, rootfs="host", shares=shares)) as machine:
         yield machine
-
-
-def _kernel_of(image: GuestImage) -> str | None:
-    # The session's kernel (debian or the one built from source), so both runs test the mode.
-    return "source" if "microvm" in image.kernel_release else None
 
 
 def test_host_mode_runs_the_hosts_python_with_the_project_importable(host_vm: MicroVM) -> None:
@@ -110,7 +104,7 @@ def test_host_mode_runs_the_hosts_python_with_the_project_importable(host_vm: Mi
 
 def test_host_mode_starts_commands_in_the_hosts_working_directory(host_vm: MicroVM) -> None:
     here = os.getcwd()
-    if any(here == p or here.startswith(p + "/") for p in ("/tmp", "/run", "/proc", "/sys", "/dev")):
+    if is_guest_own(here):
         assert host_vm.default_cwd is None
         assert host_vm.run(["pwd"], check=True).stdout == b"/\n"
     else:

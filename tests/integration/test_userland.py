@@ -23,14 +23,9 @@ print(json.dumps({"sum": db.execute("select sum(x) from t").fetchone()[0], "sqli
 """
 
 
-def _kernel_of(image: GuestImage) -> str | None:
-    # The session's kernel (debian, or the one built from source): every run tests its own.
-    return "source" if "microvm" in image.kernel_release else None
-
-
 @pytest.fixture(scope="module")
-def python_vm(microvm_image: GuestImage) -> Iterator[MicroVM]:
-    image = build_image(kernel=_kernel_of(microvm_image), packages=("python3",))
+def python_vm(session_kernel: str | None) -> Iterator[MicroVM]:
+    image = build_image(kernel=session_kernel, packages=("python3",))
     with MicroVM(VMConfig(image=image, packages=("python3",))) as vm:
         yield vm
 
@@ -81,11 +76,11 @@ def _listing(root: Path) -> str:
     return hashlib.sha256(repr(entries).encode()).hexdigest()
 
 
-def test_rootfs_from_a_tar(microvm_image: GuestImage, user_tree: Path, tmp_path: Path) -> None:
+def test_rootfs_from_a_tar(session_kernel: str | None, user_tree: Path, tmp_path: Path) -> None:
     tar = tmp_path / "root.tar.gz"
     with tarfile.open(tar, "w:gz") as tf:
         tf.add(user_tree, arcname=".")
-    image = build_image(kernel=_kernel_of(microvm_image), rootfs=tar)
+    image = build_image(kernel=session_kernel, rootfs=tar)
     assert image.root_kind == "erofs"
     with MicroVM(VMConfig(image=image, rootfs=str(tar))) as vm:
         assert vm.run(["cat", "/etc/os-release"], check=True).stdout == b"NAME=user-root\n"
@@ -94,10 +89,10 @@ def test_rootfs_from_a_tar(microvm_image: GuestImage, user_tree: Path, tmp_path:
 
 
 def test_rootfs_from_a_directory_leaves_it_untouched(
-    microvm_image: GuestImage, user_tree: Path, tmp_path: Path
+    session_kernel: str | None, user_tree: Path, tmp_path: Path
 ) -> None:
     before = _listing(user_tree)
-    image = build_image(kernel=_kernel_of(microvm_image), rootfs=user_tree)
+    image = build_image(kernel=session_kernel, rootfs=user_tree)
     with MicroVM(VMConfig(image=image, rootfs=str(user_tree))) as vm:
         vm.run("echo changed > /etc/os-release && mkdir -p /usr/new", check=True)
         assert vm.run(["cat", "/etc/os-release"], check=True).stdout == b"changed\n"
@@ -106,13 +101,13 @@ def test_rootfs_from_a_directory_leaves_it_untouched(
 
 
 def test_without_mkfs_erofs_the_root_goes_into_the_initramfs(
-    microvm_image: GuestImage, user_tree: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    session_kernel: str | None, user_tree: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from pytest_microvm.image import rootfs
 
     monkeypatch.setattr(rootfs, "have_mkfs_erofs", lambda: False)
     said: list[str] = []
-    image = build_image(kernel=_kernel_of(microvm_image), rootfs=user_tree, progress=said.append)
+    image = build_image(kernel=session_kernel, rootfs=user_tree, progress=said.append)
     assert image.root_kind == "initramfs" and image.root_disk is None
     assert any("mkfs.erofs is missing" in m and "guest RAM" in m for m in said)
     with MicroVM(VMConfig(image=image, rootfs=str(user_tree))) as vm:
@@ -134,14 +129,14 @@ def test_packages_and_rootfs_do_not_combine(user_tree: Path) -> None:
 
 
 def test_a_root_disk_that_cannot_be_mounted_fails_the_boot_loudly(
-    microvm_image: GuestImage, user_tree: Path, tmp_path: Path
+    session_kernel: str | None, user_tree: Path, tmp_path: Path
 ) -> None:
     import dataclasses
     import time
 
     from pytest_microvm import BootError
 
-    image = build_image(kernel=_kernel_of(microvm_image), rootfs=user_tree)
+    image = build_image(kernel=session_kernel, rootfs=user_tree)
     garbage = tmp_path / "garbage.erofs"
     garbage.write_bytes(os.urandom(1 << 20))
     broken = dataclasses.replace(image, root_disk=garbage)
