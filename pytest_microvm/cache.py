@@ -7,11 +7,13 @@ Resolved at call time (not import time) so tests and users can point it elsewher
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -56,3 +58,27 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> bool:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return True
+
+
+def remembered(memo: Path, stamp: str | None, compute: Callable[[], Any]) -> Any:
+    """``compute()``'s JSON value, kept in the file ``memo`` for as long as ``stamp`` (what
+    the answer depends on, e.g. the apt lists' names, sizes and times) stays the same.
+
+    For answers that are slow to get and rarely change (asking apt costs seconds, paid on
+    every image lookup otherwise). A ``stamp`` of None means nothing to key on: compute,
+    remember nothing.
+    """
+    if stamp is not None:
+        try:
+            known = json.loads(memo.read_text())
+            if known.get("stamp") == stamp:
+                return known["value"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    value = compute()
+    if stamp is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "value": value}))
+        os.replace(tmp, memo)  # atomic: concurrent writers leave one whole file
+    return value

@@ -64,7 +64,6 @@ import re
 import shlex
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
 import urllib.parse
@@ -75,10 +74,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from pytest_microvm.cache import cached_build
+from pytest_microvm.cache import cached_build, remembered
 from pytest_microvm.errors import ImageError
 from pytest_microvm.image.rootfs import resolve_in_root
-from pytest_microvm.image.sources import APT_LISTS, Progress
+from pytest_microvm.image.sources import APT_LISTS, Progress, elf_interpreter
 
 # Bump when the layout of the unpacked root or a fix-up changes: old cache entries then stop matching.
 ROOTFS_VERSION = "2"
@@ -240,23 +239,13 @@ def _resolve_error(request: list[str], stderr: str) -> ImageError:
 
 def _closure(request: list[str], cache: Path, progress: Progress) -> list[_Deb]:
     """The packages to unpack: remembered per stamp of the apt lists, else asked of apt-get."""
-    stamp = _stamp(request)
     memo = cache / "apt" / f"closure-{hashlib.sha256(' '.join(request).encode()).hexdigest()[:16]}.json"
-    if stamp is not None:
-        try:
-            known = json.loads(memo.read_text())
-            if known.get("stamp") == stamp:
-                return [_Deb(**d) for d in known["debs"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    _need_tools()
-    debs = _resolve(request, progress)
-    if stamp is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "request": request, "debs": [dataclasses.asdict(d) for d in debs]}))
-        os.replace(tmp, memo)  # atomic: concurrent writers leave one whole file
-    return debs
+
+    def ask() -> list[dict[str, object]]:
+        _need_tools()
+        return [dataclasses.asdict(d) for d in _resolve(request, progress)]
+
+    return [_Deb(**d) for d in remembered(memo, _stamp(request), ask)]
 
 
 def _bad_deb(deb: _Deb, path: Path) -> str | None:
@@ -507,25 +496,6 @@ def _ldconfig(tree: Path, progress: Progress) -> None:
         progress(f"warning: `{' '.join(argv)}` failed ({proc.stderr.strip()[-300:]}): the root has no ld.so.cache")
 
 
-def _elf_interpreter(path: Path) -> str | None:
-    """The PT_INTERP of a 64-bit little-endian ELF executable (the dynamic loader it needs)."""
-    with path.open("rb") as fh:
-        head = fh.read(64)
-        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-            return None
-        (phoff,) = struct.unpack_from("<Q", head, 0x20)
-        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
-        fh.seek(phoff)
-        table = fh.read(phentsize * phnum)
-    for i in range(phnum):
-        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
-        if p_type == 3:
-            with path.open("rb") as fh:
-                fh.seek(p_offset)
-                return fh.read(p_filesz).rstrip(b"\0").decode()
-    return None
-
-
 def _python_sources(tree: Path, version: str) -> list[str]:
     """Regular .py files only: a symlinked one (sitecustomize.py -> /etc/...) would be read from the host."""
     files = []
@@ -553,7 +523,7 @@ def precompile_python(tree: Path, progress: Progress) -> list[str]:
             continue
         version = python.name.removeprefix("python")
         tag = f"cpython-{version.replace('.', '')}"
-        interp = _elf_interpreter(python)
+        interp = elf_interpreter(python)
         loader = resolve_in_root(tree, interp) if interp else None
         if loader is None or not loader.is_file():
             progress(f"warning: {python.name}'s loader {interp} is not in the root: its bytecode is not precompiled")

@@ -9,7 +9,6 @@ small kernel built from Debian's source (:mod:`.kernel_build`).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pytest_microvm.cache import cached_build
+from pytest_microvm.cache import cached_build, remembered
 from pytest_microvm.errors import ImageError
 from pytest_microvm.image.kernel import GUEST_MODULES, MODULE_GROUPS, is_elf, read_module, resolve_modules
 
@@ -52,14 +51,43 @@ def run_tool(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
     return proc.stdout
 
 
+_PT_INTERP = 3
+
+
+def _program_headers(path: Path) -> list[tuple[int, int, int]] | None:
+    """(type, offset, size) of each program header of a 64-bit little-endian ELF file, or
+    None for anything else. Reads the headers only, not the whole file."""
+    with path.open("rb") as fh:
+        head = fh.read(64)
+        if not is_elf(head) or len(head) < 64 or head[4] != 2 or head[5] != 1:
+            return None
+        (phoff,) = struct.unpack_from("<Q", head, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+        fh.seek(phoff)
+        table = fh.read(phentsize * phnum)
+    if len(table) < phentsize * phnum:
+        return None
+    headers = []
+    for i in range(phnum):
+        p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+        headers.append((p_type, p_offset, p_filesz))
+    return headers
+
+
+def elf_interpreter(path: Path) -> str | None:
+    """The program interpreter (dynamic loader) a 64-bit ELF executable names, if any."""
+    for p_type, offset, size in _program_headers(path) or ():
+        if p_type == _PT_INTERP:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                return fh.read(size).rstrip(b"\0").decode()
+    return None
+
+
 def is_static_elf(path: Path) -> bool:
     """True for an ELF executable without a program interpreter (statically linked)."""
-    data = path.read_bytes()
-    if not is_elf(data) or data[4] != 2:
-        return False
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))  # PT_INTERP
+    headers = _program_headers(path)
+    return headers is not None and all(p_type != _PT_INTERP for p_type, _, _ in headers)
 
 
 def apt_download(package: str, dest: Path) -> Path:
@@ -198,27 +226,18 @@ def resolve_package(cache: Path, package: str, *, meta: bool = True, provider: s
     """
     lists = sorted(APT_LISTS.glob("*Packages*"))
     stamp = package + "".join(f"|{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in lists) if lists else None
-    memo = cache / "apt" / f"{package}.json"
-    if stamp is not None:
-        try:
-            known = json.loads(memo.read_text())
-            if known.get("stamp") == stamp:
-                return str(known["real"]), str(known["version"])
-        except (OSError, ValueError, KeyError):
-            pass
-    real = package
-    if meta:
-        # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
-        deps = run_tool(["apt-cache", "depends", package], f"looking up {package}")
-        m = re.search(rf"Depends: ({re.escape(provider)}\S+)", deps)
-        real = m.group(1) if m else package
-    version = _deb_version(real)
-    if stamp is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"stamp": stamp, "real": real, "version": version}))
-        os.replace(tmp, memo)  # atomic: concurrent writers leave one whole file
-    return real, version
+
+    def ask() -> list[str]:
+        real = package
+        if meta:
+            # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
+            deps = run_tool(["apt-cache", "depends", package], f"looking up {package}")
+            m = re.search(rf"Depends: ({re.escape(provider)}\S+)", deps)
+            real = m.group(1) if m else package
+        return [real, _deb_version(real)]
+
+    real, version = remembered(cache / "apt" / f"{package}.json", stamp, ask)
+    return str(real), str(version)
 
 
 def debian_kernel(cache: Path, progress: Progress, package: str = DEFAULT_KERNEL_PACKAGE) -> KernelFiles:
