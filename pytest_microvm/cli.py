@@ -29,7 +29,8 @@ from pytest_microvm.errors import ImageError, MicroVMError
 from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.kernel_build import check_build_tools
 from pytest_microvm.image.sources import KERNEL_HELP, describe_kernel
-from pytest_microvm.machine import MicroVM, QemuProcess, Share, VMConfig, choose, detect_host, qemu_argv, storage
+from pytest_microvm.machine import QemuProcess, Share, VMConfig, choose, detect_host, qemu_argv, storage
+from pytest_microvm.machine.snapshot import Templates
 from pytest_microvm.result import CommandResult
 
 
@@ -59,7 +60,7 @@ def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
     return VMConfig(
         image=_build(args), memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock,
         boot_timeout=args.boot_timeout, network=args.network, packages=_packages(args), rootfs=args.rootfs,
-        shares=shares,
+        shares=shares, snapshot=args.snapshot != "off",
     ).with_(**changes)  # fmt: skip
 
 
@@ -87,6 +88,10 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
         help="a host directory in the guest over 9p (repeatable; :ro refuses writes)",
     )  # fmt: skip
     p.add_argument("--boot-timeout", type=float, default=120.0, help="seconds the guest may take to boot")
+    p.add_argument(
+        "--snapshot", default="auto", choices=["auto", "off"],
+        help="auto: restore a clone of a cached snapshot template where possible (made on first use); off: boot",
+    )  # fmt: skip
     p.add_argument("--modules", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
 
@@ -167,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("error: nothing to run: microvm run [options] -- CMD [ARGS...]", file=sys.stderr)
         return 2
     config = _vm_config(args, keep=args.keep)
-    with MicroVM(config, name="run") as vm:
+    with Templates(args.cache_dir).start(config, name="run") as vm:
         if vm.choice and vm.choice.accel == "tcg":
             print(f"microvm: running under TCG ({vm.choice.why})", file=sys.stderr)
         result = _stream(vm.start_process(command, timeout=args.timeout))
@@ -185,7 +190,7 @@ def _terminal_size() -> tuple[int, int]:
 
 def cmd_shell(args: argparse.Namespace) -> int:
     """Boot a VM and give an interactive shell on a terminal carried by the agent."""
-    with MicroVM(_vm_config(args), name="shell") as vm:
+    with Templates(args.cache_dir).start(_vm_config(args), name="shell") as vm:
         accel = vm.choice.accel if vm.choice else "?"
         print(f"microvm: shell in a {accel} guest; exit or ^D leaves (the VM is removed)", file=sys.stderr)
         return _interactive_shell(lambda **kw: vm.start_process(["/bin/sh", "-i"], **kw))

@@ -480,6 +480,17 @@ class AgentClient:
                 raise
         return written
 
+    # ---- clones --------------------------------------------------------------------
+
+    def become_clone(self, token: str) -> None:
+        """Send CLONE: the guest takes the host's clock now, fresh entropy and ``token``.
+
+        Frames are handled in order, so a command sent after this runs in a guest that
+        has applied it; an agent that could not apply it closes the connection, and that
+        command fails with the agent's reason.
+        """
+        self._send(p.encode_clone(time.time_ns(), token, os.urandom(64)))
+
     # ---- power -------------------------------------------------------------------
 
     def poweroff(self, timeout: float = 10.0) -> None:

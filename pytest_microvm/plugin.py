@@ -5,8 +5,15 @@ Fixtures, smallest first — override the small ones in a conftest.py:
 - ``microvm_image`` (session): the built guest image (cached; locked across xdist workers)
 - ``microvm_config`` (function): the :class:`VMConfig` from options, ini keys, the
   ``microvm`` marker and the ``pytest_microvm_config`` hook
-- ``microvm`` (function): one booted VM, torn down after the test
-- ``microvm_factory`` (function): boots as many VMs as a test asks for; all torn down
+- ``microvm`` (function): a fresh VM for this test, torn down after it
+- ``microvm_factory`` (function): as many fresh VMs as a test asks for; all torn down
+- ``microvm_module`` / ``microvm_session``: one VM shared by a module's / the session's
+  tests (from options and ini keys; markers do not apply), for suites whose tests do not
+  need a fresh machine each
+
+A "fresh VM" is a clone of a snapshot template where the configuration allows
+(machine/snapshot.py; ``--microvm-snapshot off`` or ``@pytest.mark.microvm(snapshot=False)``
+for a real boot), made ahead by a pool so that it is ready when the test starts.
 
 On a failed test each VM's console tail is attached to the report; with
 ``--microvm-keep-on-failure`` the VM stays up and the report says how to reach it.
@@ -29,10 +36,12 @@ from pytest_microvm.image.builder import root_request
 from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_kernel
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
 from pytest_microvm.machine.config import Share
+from pytest_microvm.machine.snapshot import ClonePool, Templates
 
 _VMS = pytest.StashKey[list[MicroVM]]()
 _CALL_FAILED = pytest.StashKey[bool]()
 _IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], GuestImage]]()  # by root_request()
+_POOL = pytest.StashKey[ClonePool]()
 CONSOLE_IN_REPORT = 3000
 
 _OPTIONS: list[tuple[str, str, str | None, str]] = [
@@ -49,6 +58,8 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("packages", "list", None, "distro packages for the guest's root, comma-separated, from the host's apt"),
     ("rootfs", "rootfs", None, "the guest's root instead: a directory, a tar, or host (the host's / over 9p)"),
     ("shares", "list", None, "host directories in the guest over 9p, comma-separated HOST:GUEST[:ro]"),
+    ("snapshot", "str", "auto", "auto | off: fresh VMs are clones of a snapshot template where possible (off: boots)"),
+    ("pool", "int", "1", "clones made ahead per configuration, in the background (0: none)"),
 ]
 
 
@@ -115,6 +126,7 @@ def _base_config(config: pytest.Config) -> VMConfig:
             packages=_setting(config, "packages") or (),
             rootfs=_setting(config, "rootfs"),
             shares=dict(Share.parse(spec) for spec in _setting(config, "shares") or ()),
+            snapshot=_setting(config, "snapshot") != "off",
         )
     except ConfigError as exc:
         raise pytest.UsageError(f"microvm: {exc}") from None
@@ -133,6 +145,22 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--microvm-accel: {base.accel!r}; use auto, kvm or tcg")
     if base.vsock not in ("auto", "kernel", "userspace"):
         raise pytest.UsageError(f"--microvm-vsock: {base.vsock!r}; use auto, kernel or userspace")
+    if _setting(config, "snapshot") not in ("auto", "off"):
+        raise pytest.UsageError(f"--microvm-snapshot: {_setting(config, 'snapshot')!r}; use auto or off")
+    if (_setting(config, "pool") or 0) < 0:
+        raise pytest.UsageError("--microvm-pool: must be 0 or more")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    pool = config.stash.get(_POOL, None)
+    if pool is not None:
+        pool.close()  # the clones made ahead and not used: nothing of the pool outlives the session
+
+
+def _pool(config: pytest.Config) -> ClonePool:
+    if _POOL not in config.stash:
+        config.stash[_POOL] = ClonePool(Templates(_setting(config, "cache-dir")), size=_setting(config, "pool") or 0)
+    return config.stash[_POOL]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -146,6 +174,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"microvm: {exc}"]
     kernel = describe_kernel(_setting(config, "kernel"), cache_dir(_setting(config, "cache-dir")))
     lines = [f"microvm: QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
+    snapshot = _setting(config, "snapshot")
+    if snapshot == "off":
+        lines.append("microvm: snapshots off: every VM boots")
+    else:
+        lines.append(f"microvm: fresh VMs are snapshot clones where possible, {_setting(config, 'pool')} made ahead")
     if choice.accel == "tcg":
         lines.append("microvm: WARNING: no usable KVM -- guests run under TCG emulation, several times slower")
     return lines
@@ -220,17 +253,29 @@ def _changed(config: pytest.Config, cfg: VMConfig, changes: dict[str, Any]) -> V
     return cfg
 
 
-def _boot(request: pytest.FixtureRequest, cfg: VMConfig, name: str) -> MicroVM:
-    hook = request.config.hook
+def _start(config: pytest.Config, cfg: VMConfig, name: str, *, pooled: bool = True) -> MicroVM:
+    """A started VM: a clone (made ahead when ``pooled``) where possible, else a boot."""
+    hook = config.hook
 
     def qemu_args(config: VMConfig, argv: list[str]) -> list[str]:
         changed = hook.pytest_microvm_qemu_args(config=config, argv=list(argv))
         return list(changed) if changed is not None else argv
 
-    vm = MicroVM(cfg, qemu_args_hook=qemu_args, name=name)
-    request.node.stash.setdefault(_VMS, []).append(vm)
-    vm.start()
+    # A hook that rewrites QEMU's arguments could make a template's command line differ
+    # from its clones': such VMs boot.
+    hooked = bool(hook.pytest_microvm_qemu_args.get_hookimpls())
+    pool = _pool(config)
+    if pooled:
+        vm = pool.take(cfg, name=name, hooked=hooked, qemu_args_hook=qemu_args)
+    else:
+        vm = pool.templates.start(cfg, name=name, hooked=hooked, qemu_args_hook=qemu_args)
     hook.pytest_microvm_ready(vm=vm)
+    return vm
+
+
+def _boot(request: pytest.FixtureRequest, cfg: VMConfig, name: str) -> MicroVM:
+    vm = _start(request.config, cfg, name)
+    request.node.stash.setdefault(_VMS, []).append(vm)
     return vm
 
 
@@ -264,6 +309,27 @@ def microvm_factory(request: pytest.FixtureRequest, microvm_config: VMConfig) ->
     finally:
         for vm in vms:
             _teardown(request, vm)
+
+
+def _shared_vm(request: pytest.FixtureRequest, image: GuestImage, name: str) -> Iterator[MicroVM]:
+    vm = _start(request.config, _base_config(request.config).with_(image=image), name, pooled=False)
+    try:
+        yield vm
+    finally:
+        vm.stop()
+
+
+@pytest.fixture(scope="module")
+def microvm_module(request: pytest.FixtureRequest, microvm_image: GuestImage) -> Iterator[MicroVM]:
+    """One VM for all tests of a module (options and ini keys; no marker): what one test
+    leaves in the guest, the next one sees. For modules of read-only checks."""
+    yield from _shared_vm(request, microvm_image, "module-vm")
+
+
+@pytest.fixture(scope="session")
+def microvm_session(request: pytest.FixtureRequest, microvm_image: GuestImage) -> Iterator[MicroVM]:
+    """One VM for the whole session (per xdist worker); as ``microvm_module``, wider."""
+    yield from _shared_vm(request, microvm_image, "session-vm")
 
 
 # ---- reports --------------------------------------------------------------------------

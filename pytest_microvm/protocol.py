@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pytest_microvm.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">IHHI")  # length, type, flags, id
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 20
@@ -23,6 +23,8 @@ MAX_ARGS = 4096
 MAX_JOBS = 64
 OUTPUT_WINDOW = 256 * 1024
 STDIN_WINDOW = 256 * 1024
+CLONE_ENTROPY = (16, 512)  # bytes of host randomness a CLONE frame may carry
+MAX_TOKEN = 255
 
 EXEC_STDIN_PIPE = 0x1
 EXEC_PTY = 0x2
@@ -44,6 +46,7 @@ class FrameType(enum.IntEnum):
     ERROR = 12
     POWEROFF = 13
     WINSIZE = 14
+    CLONE = 15
 
 
 FROM_AGENT = frozenset(
@@ -61,6 +64,7 @@ FROM_HOST = frozenset(
         FrameType.ERROR,
         FrameType.POWEROFF,
         FrameType.WINSIZE,
+        FrameType.CLONE,
     }
 )
 JOB_FRAMES = frozenset(
@@ -165,6 +169,18 @@ def encode_exec(
         struct.pack(">II", flags, timeout_ms) + _c_str(cwd, "cwd") + _strv(list(argv), "argv") + _strv(list(env), "env")
     )
     return frame(FrameType.EXEC, fid, payload)
+
+
+def encode_clone(realtime_ns: int, token: str, entropy: bytes) -> bytes:
+    """CLONE: the clone's wall clock (ns since the epoch), its own token and fresh entropy."""
+    low, high = CLONE_ENTROPY
+    if not low <= len(entropy) <= high:
+        raise ValueError(f"CLONE entropy must be {low}..{high} bytes, not {len(entropy)}")
+    if not 1 <= len(token.encode()) <= MAX_TOKEN:
+        raise ValueError(f"CLONE token must be 1..{MAX_TOKEN} bytes")
+    seconds, nanoseconds = divmod(realtime_ns, 1_000_000_000)
+    payload = struct.pack(">III", seconds >> 32, seconds & 0xFFFFFFFF, nanoseconds)
+    return frame(FrameType.CLONE, 0, payload + _c_str(token, "token") + _str(entropy))
 
 
 def encode_u32(ftype: FrameType, fid: int, value: int) -> bytes:

@@ -36,12 +36,13 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/random.h>
 #include <linux/vm_sockets.h>
 
 #ifndef AGENT_VERSION
 #define AGENT_VERSION "0.1.0"
 #endif
-#define PROTO_VERSION 1
+#define PROTO_VERSION 2
 
 #define HDR 12u
 #define MAX_PAYLOAD (1u << 20)
@@ -59,8 +60,9 @@
 
 enum {
 	T_HELLO = 1, T_HELLO_ACK, T_EXEC, T_STDIN, T_STDOUT, T_STDERR, T_EXIT,
-	T_KILL, T_CREDIT, T_PUT, T_GET, T_ERROR, T_POWEROFF, T_WINSIZE,
+	T_KILL, T_CREDIT, T_PUT, T_GET, T_ERROR, T_POWEROFF, T_WINSIZE, T_CLONE,
 };
+#define MAX_ENTROPY 512u
 #define EXEC_STDIN_PIPE 1u
 #define EXEC_PTY 2u
 #define EXIT_TIMED_OUT 1u
@@ -660,6 +662,81 @@ static void drop_connection(void)
 	handshaken = 0;
 }
 
+/* Send what is queued (the last frame an ERROR), waiting at most a second: a host
+ * that does not read must not hold the agent. Then drop the connection. */
+static void drop_connection_after_flush(void)
+{
+	uint64_t deadline = now_ms() + 1000;
+	size_t done = 0;
+	while (done < out_len && now_ms() < deadline) {
+		struct pollfd p = { conn, POLLOUT, 0 };
+		if (poll(&p, 1, 100) <= 0)
+			continue;
+		ssize_t w = send(conn, outbuf + done, out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (w < 0 && errno != EAGAIN && errno != EINTR)
+			break;
+		if (w > 0)
+			done += (size_t)w;
+	}
+	drop_connection();
+}
+
+/* CLONE: this guest was restored from a snapshot that other guests share. Make what
+ * must differ between them our own: the wall clock, the kernel RNG (host entropy mixed
+ * in, then an immediate reseed, so no two clones draw the same bytes), and the token.
+ * A step that fails ends the connection with an ERROR: a clone that still shares the
+ * template's identity must not pass the probe. */
+static const char *become_clone(struct cursor *c)
+{
+	uint32_t hi = cur_u32(c), lo = cur_u32(c), nsec = cur_u32(c);
+	char *token = cur_str(c);
+	uint32_t n = cur_u32(c);
+	if (!c->err && n > c->left)
+		c->err = "CLONE entropy runs past the end of the payload";
+	if (!c->err && (n < 16 || n > MAX_ENTROPY))
+		c->err = "CLONE entropy not between 16 and 512 bytes";
+	const unsigned char *entropy = c->p;
+	if (!c->err) {
+		c->p += n;
+		c->left -= n;
+	}
+	cur_end(c);
+	if (!c->err && (nsec >= 1000000000u || !token[0] || strlen(token) >= sizeof cfg.token))
+		c->err = "CLONE with a bad time or token";
+	if (c->err) {
+		free(token);
+		return c->err;
+	}
+	struct timespec ts = { (time_t)(((uint64_t)hi << 32) | lo), (long)nsec };
+	const char *step = "setting the clock";
+	/* Only in a guest: an agent on the host (tests) must never set the host's clock. */
+	errno = EPERM;
+	int ok = cfg.pid1 && clock_settime(CLOCK_REALTIME, &ts) == 0;
+	if (ok) {
+		step = "reseeding the RNG";
+		struct { struct rand_pool_info info; unsigned char buf[MAX_ENTROPY]; } pool;
+		pool.info.entropy_count = (int)(8 * n);
+		pool.info.buf_size = (int)n;
+		memcpy(pool.info.buf, entropy, n);
+		int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+		ok = fd >= 0 && ioctl(fd, RNDADDENTROPY, &pool.info) == 0 && ioctl(fd, RNDRESEEDCRNG) == 0;
+		int e = errno;
+		if (fd >= 0)
+			close(fd);
+		errno = e;
+	}
+	if (!ok) {
+		send_error(0, (uint32_t)errno, "CLONE: %s failed: %s", step, strerror(errno));
+		free(token);
+		drop_connection_after_flush();
+		return NULL;
+	}
+	snprintf(cfg.token, sizeof cfg.token, "%s", token);
+	free(token);
+	say("cloned: clock set, RNG reseeded, new token");
+	return NULL;
+}
+
 /* Handle one complete frame. Returns NULL, or what made it malformed. */
 static const char *handle_frame(uint16_t type, uint32_t id, const unsigned char *p, uint32_t len)
 {
@@ -749,6 +826,8 @@ static const char *handle_frame(uint16_t type, uint32_t id, const unsigned char 
 			return "POWEROFF with a payload";
 		poweroff_requested = 1;
 		return NULL;
+	case T_CLONE:
+		return become_clone(&c);
 	default:
 		return "unknown or misdirected frame type";
 	}
@@ -759,22 +838,9 @@ static void malformed(const char *why)
 	say("malformed frame from host: %s; closing the connection", why);
 	kill_all_jobs();
 	/* Whatever is queued stays: the buffer may end in a half-sent frame, and cutting
-	 * it would corrupt the stream. The error goes after it, flushed with a bounded wait
-	 * (a host that does not read must not hold the agent). */
+	 * it would corrupt the stream. The error goes after it. */
 	send_error(0, EPROTO, "malformed frame: %s", why);
-	uint64_t deadline = now_ms() + 1000;
-	size_t done = 0;
-	while (done < out_len && now_ms() < deadline) {
-		struct pollfd p = { conn, POLLOUT, 0 };
-		if (poll(&p, 1, 100) <= 0)
-			continue;
-		ssize_t w = send(conn, outbuf + done, out_len - done, MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (w < 0 && errno != EAGAIN && errno != EINTR)
-			break;
-		if (w > 0)
-			done += (size_t)w;
-	}
-	drop_connection();
+	drop_connection_after_flush();
 }
 
 static void read_conn(void)
@@ -799,7 +865,7 @@ static void read_conn(void)
 			return malformed("frame larger than MAX_PAYLOAD");
 		if (get16(h + 6))
 			return malformed("non-zero header flags");
-		if (type < T_HELLO || type > T_WINSIZE)
+		if (type < T_HELLO || type > T_CLONE)
 			return malformed("unknown frame type");
 		if (in_len - off < HDR + len)
 			break;
@@ -927,8 +993,14 @@ static int try_connect(void)
 	} else {
 		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cfg.cid, .svm_port = cfg.port };
 		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd >= 0)
+		if (fd >= 0) {
 			vsock_buffer(fd);
+			/* A request the device never answers (it was unplugged for a snapshot
+			 * while the request was in flight) would hold connect() for the default
+			 * 2 s; the host's backend answers in microseconds. */
+			struct timeval tv = { 0, 250000 };
+			setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof tv);
+		}
 		if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
 			return fd;
 	}
@@ -939,23 +1011,25 @@ static int try_connect(void)
 	return -1;
 }
 
+/* Retry every 10 ms, never slower: a guest restored from a snapshot sits in this loop
+ * until its vsock device is plugged in, and must connect the moment it is. A refused
+ * connect costs the guest microseconds. */
 static void connect_with_backoff(void)
 {
-	unsigned delay_ms = 5, attempt = 0;
+	unsigned attempt = 0;
 	for (;;) {
 		conn = try_connect();
 		if (conn >= 0)
 			break;
-		if (attempt % 100 == 0)
+		if (attempt % 1000 == 0) /* every ten seconds */
 			say("connecting to %s failed (%s); retrying",
 			    cfg.unix_path ? cfg.unix_path : "vsock host", strerror(errno));
 		attempt++;
-		if (cfg.once && attempt > 200)
+		if (cfg.once && attempt > 6000)
 			exit(1);
+		unsigned delay_ms = attempt < 2 ? 5 : 10;
 		struct timespec ts = { 0, (long)delay_ms * 1000000L };
 		nanosleep(&ts, NULL);
-		if (delay_ms < 200)
-			delay_ms *= 2;
 		reap(); /* orphans keep dying while we wait */
 	}
 	set_nonblock(conn);

@@ -50,11 +50,17 @@ class UserspaceVsock:
                 )
         finally:
             control.close()
-        deadline = time.monotonic() + 10
+        # Not waiting for the backend here: QEMU's connection waits in the socket's
+        # backlog and its first request is answered once the backend is up, so the
+        # backend's start-up (a Python interpreter, ~0.1 s) overlaps QEMU's. Only a
+        # host-side connect() needs it up (_await_started).
+
+    def _await_started(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
         while not self.uds_path.exists():  # bound by the backend once it is up
             self.check_alive()
             if time.monotonic() > deadline:
-                raise BackendError(f"the vsock backend did not start within 10s:\n{self.stderr_tail()}")
+                raise BackendError(f"the vsock backend did not start within {timeout:.0f}s:\n{self.stderr_tail()}")
             time.sleep(0.005)
 
     @property
@@ -73,10 +79,17 @@ class UserspaceVsock:
 
     def qemu_args(self) -> list[str]:
         """The QEMU device arguments (the machine also needs shared memory: see qemu_argv)."""
-        return [
-            "-chardev", f"socket,id=vsock,path={self.control_path}",
-            "-device", "vhost-user-vsock-pci,chardev=vsock",
-        ]  # fmt: skip
+        driver, props = self.device()
+        return [*self.chardev_args(), "-device", ",".join([driver, *(f"{k}={v}" for k, v in props.items())])]
+
+    def chardev_args(self) -> list[str]:
+        """The socket QEMU reaches the backend through; a device may be plugged in later."""
+        return ["-chardev", f"socket,id=vsock,path={self.control_path}"]
+
+    @staticmethod
+    def device() -> tuple[str, dict[str, str]]:
+        """The vsock device (driver, properties), for -device or QMP device_add."""
+        return "vhost-user-vsock-pci", {"chardev": "vsock"}
 
     def listen(self, port: int) -> UnixListener:
         """Where the guest's connections to CID 2 port ``port`` arrive."""
@@ -84,6 +97,7 @@ class UserspaceVsock:
 
     def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
         """Open a connection to guest port ``port``; raise ConnectionLost if the guest refuses."""
+        self._await_started()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

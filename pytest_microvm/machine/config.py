@@ -99,6 +99,9 @@ class VMConfig:
     # Host directories in the guest, {guest path: host path or Share(host, readonly=True)},
     # mounted over virtio-9p once the agent is up.
     shares: Mapping[str, ShareSpec] = field(default_factory=dict)
+    # May this VM be a clone of a snapshot template (machine/snapshot.py) rather than a
+    # boot? Only where the configuration allows; False for a test that must see a boot.
+    snapshot: bool = True
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -33,6 +34,7 @@ def qemu_argv(
     vcpus: int = 1,
     cmdline: Sequence[str] = (),
     shared_memory: bool = False,
+    ram_file: str | None = None,
     no_reboot: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
@@ -45,12 +47,17 @@ def qemu_argv(
 
     ``no_reboot=False`` lets a guest reboot in place (QEMU keeps running).
     ``shared_memory`` backs guest RAM with a shared memfd, which a vhost-user backend
-    (the userspace vsock) needs to map the rings and buffers.
+    (the userspace vsock) needs to map the rings and buffers. ``ram_file`` backs it with
+    that file instead, shared too (snapshot templates and clones: machine/snapshot.py).
     """
     append = ["console=ttyS0", "panic=-1", "quiet", *cmdline]
     machine = f"q35,accel={accel}"
     memory: list[str] = []
-    if shared_memory:
+    if ram_file is not None:
+        machine += ",memory-backend=mem"
+        path = _qemu_path(Path(ram_file))
+        memory = ["-object", f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={path},share=on"]
+    elif shared_memory:
         machine += ",memory-backend=mem"
         memory = ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"]
     return [
@@ -73,11 +80,35 @@ def qemu_argv(
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What differs between a boot, a snapshot template and a clone on the command line:
+    the RAM file (None: anonymous or memfd), device arguments, descriptors QEMU inherits."""
+
+    args: list[str] = field(default_factory=list)
+    ram_file: str | None = None
+    pass_fds: tuple[int, ...] = ()
+
+
+def device_args(driver: str, **props: str | int) -> list[str]:
+    """``-device driver,k=v,...``: the same properties QMP's device_add takes."""
+    return ["-device", ",".join([driver, *(f"{k}={v}" for k, v in props.items())])]
+
+
 class QemuProcess:
     """One QEMU process, its console file and its stderr; stopped on exit from ``with``."""
 
-    def __init__(self, argv: Sequence[str], console: Path, stderr: Path, *, die_with_parent: bool = True) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        console: Path,
+        stderr: Path,
+        *,
+        die_with_parent: bool = True,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
         self.argv = list(argv)
+        self.pass_fds = tuple(pass_fds)
         self.die_with_parent = die_with_parent
         self.console_path = console
         self.stderr_path = stderr
@@ -91,7 +122,11 @@ class QemuProcess:
         self.console_path.touch()
         with self.stderr_path.open("wb") as err:
             self._proc = _proc.spawn(
-                self.argv, stdout=subprocess.DEVNULL, stderr=err, die_with_parent=self.die_with_parent
+                self.argv,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                pass_fds=self.pass_fds,
+                die_with_parent=self.die_with_parent,
             )
 
     def returncode(self) -> int | None:

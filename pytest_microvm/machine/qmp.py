@@ -35,6 +35,8 @@ class Monitor:
         return ["-chardev", f"socket,id=qmp,path={self.path},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
 
     def connect(self) -> None:
+        if self._qmp is not None:
+            return  # connected earlier (a clone talks to QEMU before its guest is up)
         # qemu.qmp's synchronous client runs on the calling thread's event loop and, in a
         # thread without one, makes one and leaves it set there, never closed: every VM
         # booted from a worker thread leaked a loop (an epoll fd and a socket pair) and

@@ -43,7 +43,7 @@ from pytest_microvm.machine import network, storage
 from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
-from pytest_microvm.machine.qemu import CONSOLE_TAIL, QemuProcess, qemu_argv
+from pytest_microvm.machine.qemu import CONSOLE_TAIL, Layout, QemuProcess, device_args, qemu_argv
 from pytest_microvm.machine.qmp import Monitor, MonitorError
 from pytest_microvm.result import CommandResult
 
@@ -95,6 +95,8 @@ class MicroVM:
     ...     vm.run(["uname", "-r"]).stdout
     """
 
+    mounts_shares = True  # mount config.shares once the agent is up (a snapshot template does not)
+
     def __init__(
         self,
         config: VMConfig | None = None,
@@ -125,6 +127,11 @@ class MicroVM:
         self.forwarded_ports: dict[int, int] = {}  # with config.network: guest TCP port -> 127.0.0.1 port
         # Where commands without a cwd start: the host's cwd in host-userland mode, else "/".
         self.default_cwd: str | None = None
+
+    def rename(self, name: str) -> None:
+        """Give a VM made ahead (a pooled clone) the name its user knows it by."""
+        self.name = name
+        self.log = log.getChild(name)
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -163,16 +170,18 @@ class MicroVM:
         self._sockdir = _socket_dir(self.workdir)
         self.monitor = Monitor(self._sockdir / "qmp.sock")
         port = cfg.port
+        chardev: list[str] = []
         if self.choice.vsock == "userspace":
             self.vsock = UserspaceVsock(self._sockdir, _GUEST_CID, die_with_parent=not cfg.keep)
             self.vsock.start()
             self._listener = self.vsock.listen(port)
-            channel_args = self.vsock.qemu_args()
+            chardev, device = self.vsock.chardev_args(), self.vsock.device()
         else:
             self._cid_claim = claim_random("cid", FIRST_CID, LAST_CID)
             listener = KernelVsockListener.bind_free(self._cid_claim.value, port)
             self._listener, port = listener, listener.port
-            channel_args = ["-device", f"vhost-vsock-pci,guest-cid={self._cid_claim.value}"]
+            device = ("vhost-vsock-pci", {"guest-cid": str(self._cid_claim.value)})
+        layout = self._layout(device)
         assert host.qemu is not None
         console = self.workdir / "console.log"
         argv = qemu_argv(
@@ -189,8 +198,10 @@ class MicroVM:
                 *cfg.kernel_cmdline,
             ],
             shared_memory=self.choice.vsock == "userspace",
+            ram_file=layout.ram_file,
             extra=[
-                *channel_args,
+                *chardev,
+                *layout.args,
                 *storage.qemu_args(image, cfg),
                 *self.monitor.qemu_args(),
                 *(network.qemu_args(NETWORK_FORWARDS) if cfg.network else []),
@@ -199,12 +210,16 @@ class MicroVM:
         )
         if self._qemu_args_hook is not None:
             argv = self._qemu_args_hook(cfg, argv)
-        self.qemu = QemuProcess(argv, console, self.workdir / "qemu.stderr", die_with_parent=not cfg.keep)
+        self.qemu = QemuProcess(
+            argv, console, self.workdir / "qemu.stderr", die_with_parent=not cfg.keep, pass_fds=layout.pass_fds
+        )
         self.qemu.start()
         deadline = started + cfg.boot_timeout
+        self._launched(deadline)
         # Waiting for the agent also watches QEMU, the console and the backend, so a QEMU
         # that refused its arguments is reported at once, with its stderr.
         self._client = self._await_agent(deadline)
+        self._connected(self._client)
         try:
             self._client.probe(timeout=max(1.0, deadline - time.monotonic()))
         except MicroVMError as exc:
@@ -213,7 +228,7 @@ class MicroVM:
             self.monitor.connect()  # QEMU made its monitor socket long before the guest was up
         except MonitorError as exc:
             raise self._failure(f"QEMU's monitor did not answer ({exc})", BootError) from exc
-        mount = storage.mount_command(cfg)
+        mount = storage.mount_command(cfg) if self.mounts_shares else None
         if mount is not None:
             r = self._client.run(mount, timeout=30)
             if r.exit_code != 0:
@@ -221,6 +236,18 @@ class MicroVM:
         if cfg.network:
             self._setup_network()
         self._write_state(port)
+
+    # ---- what snapshot templates and clones change (machine/snapshot.py) ----------------
+
+    def _layout(self, vsock_device: tuple[str, dict[str, str]]) -> Layout:
+        """Where guest RAM lives and which devices QEMU starts with: a boot has the vsock."""
+        return Layout(args=device_args(vsock_device[0], **vsock_device[1]))
+
+    def _launched(self, deadline: float) -> None:
+        """QEMU runs; the agent has not connected yet. A clone is restored here."""
+
+    def _connected(self, client: AgentClient) -> None:
+        """The agent said HELLO; the probe has not run yet. A clone takes its identity here."""
 
     def _setup_network(self) -> None:
         assert self._client is not None and self.monitor is not None

@@ -29,7 +29,7 @@ def test_round_trip_of_agent_frames() -> None:
     # Byte by byte: frames come out only when complete.
     frames = [f for i in range(len(stream)) for f in dec.feed(stream[i : i + 1])]
     assert [f.type for f in frames] == [p.FrameType.HELLO, p.FrameType.STDOUT, p.FrameType.EXIT, p.FrameType.ERROR]
-    assert p.parse_hello(frames[0].payload) == p.Hello(1, "1.2.3", "tok")
+    assert p.parse_hello(frames[0].payload) == p.Hello(p.PROTOCOL_VERSION, "1.2.3", "tok")
     assert frames[1].payload == b"out"
     assert p.parse_exit(frames[2].payload) == p.Exit(-1, 9, True)
     assert p.parse_error(frames[3].payload) == p.ErrorInfo(2, "no such file")

@@ -1,0 +1,605 @@
+"""Snapshot templates and clones: a fresh VM for the price of a restore, not a boot.
+
+Owns everything about snapshots; :mod:`.vm` only offers three hooks (``_layout``,
+``_launched``, ``_connected``) that the two subclasses here fill in.
+
+- **Template** (:class:`TemplateVM`): a guest booted once per configuration, probed,
+  then quieted: the agent's connection closed, the vsock device unplugged (QEMU 7.2
+  cannot migrate ``vhost-user-vsock-pci``), the guest stopped and its device state saved
+  with ``migrate exec:cat>state`` and the ``x-ignore-shared`` capability. Guest RAM is a
+  shared ``memory-backend-file`` in the template's cache directory, so the RAM is the
+  file itself and the state is a few hundred KiB. Templates live in the image cache,
+  keyed on everything that makes a snapshot invalid (:func:`template_key`).
+- **Clone** (:class:`CloneVM`): the template's RAM copied (only the pages the guest
+  touched) into an unnamed tmpfs file that QEMU inherits, so no RAM file ever exists by
+  name and none can outlive QEMU; QEMU started with ``-incoming defer`` and no vsock,
+  ``migrate-incoming``, then a new vsock device hot-plugged on the PCIe root port the
+  template has for it (ACPI PCI hotplug), with its own backend. The agent, which retries
+  its connection every 10 ms, connects; the host sends CLONE (docs/protocol.md: clock,
+  entropy, token) before the probe, and each clone has its own vmgenid.
+- :func:`start_vm`: a clone where the configuration allows one, else (or when restoring
+  fails twice) a boot, with a warning that says why.
+- :class:`ClonePool`: clones made ahead on one long-lived thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from pytest_microvm.cache import cache_dir
+from pytest_microvm.client import AgentClient
+from pytest_microvm.errors import BootError, MicroVMError
+from pytest_microvm.image import GuestImage
+from pytest_microvm.machine import storage
+from pytest_microvm.machine.config import VMConfig
+from pytest_microvm.machine.host import HostReport, choose, detect_host
+from pytest_microvm.machine.qemu import Layout, device_args
+from pytest_microvm.machine.qmp import MonitorError
+from pytest_microvm.machine.vm import MicroVM, QemuArgsHook, Runstate
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_FORMAT = "1"  # bump when what a template holds or how it is made changes
+HOTPLUG_PORT = "microvm-hotplug"  # the PCIe root port the vsock device is plugged into
+VSOCK_ID = "microvm-vsock"
+VMGENID_ID = "microvm-vmgenid"
+SHM_ENV = "MICROVM_SHM_DIR"  # where clones' RAM lives; tmpfs (default /dev/shm)
+_RESTORE_TIMEOUT = 30.0  # a restore is a fraction of a second; this bounds a stuck one
+
+
+class SnapshotError(BootError):
+    """A template could not be made, or a clone could not be restored from it."""
+
+
+class ShmTooSmall(SnapshotError):
+    """The tmpfs for clones' RAM has less room than one clone's memory."""
+
+
+# ---- what a template depends on ------------------------------------------------------
+
+
+def why_not(config: VMConfig, host: HostReport, *, hooked: bool = False) -> str | None:
+    """Why ``config`` cannot be a clone here, or None when it can."""
+    if not config.snapshot:
+        return "snapshot=False"
+    if config.keep:
+        return "kept VMs boot (a clone's RAM lives only as long as this process)"
+    if config.network:
+        return "VMs with network=True boot (their forwarded host ports are their own)"
+    if hooked:
+        return "a pytest_microvm_qemu_args hook rewrites the QEMU command line"
+    if host.qemu is None:
+        return "QEMU is not installed"
+    if choose(host, config.accel, config.vsock).vsock != "userspace":
+        return "clones use the userspace vsock flavour; with kernel vhost-vsock VMs boot"
+    return None
+
+
+def _file_identity(path: Path | None) -> list[Any]:
+    if path is None:
+        return []
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def template_key(config: VMConfig, image: GuestImage, host: HostReport) -> str:
+    """Everything that makes a saved guest unusable if it changes: the QEMU binary and
+    version, machine, accelerator, CPU, memory, vCPUs, the image's files, the kernel
+    command line, the devices (shares, extra QEMU arguments) and the agent's port."""
+    assert host.qemu is not None
+    choice = choose(host, config.accel, config.vsock)
+    parts = {
+        "format": TEMPLATE_FORMAT,
+        "qemu": [*_file_identity(Path(host.qemu)), host.qemu_version],
+        "machine": "q35",
+        "accel": choice.accel,
+        "cpu": "host" if choice.accel == "kvm" else "default",
+        "vsock": choice.vsock,
+        "memory_mib": config.memory_mib,
+        "vcpus": config.vcpus,
+        "image": [image.key, *_file_identity(image.kernel), *_file_identity(image.initramfs)],
+        "root_disk": _file_identity(image.root_disk),
+        "cmdline": list(config.kernel_cmdline),
+        "qemu_args": list(config.qemu_args),
+        "shares": [[guest, str(s.host), s.readonly] for guest, s in config.share_list()],
+        "port": config.port,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _snapshot_devices(vmgenid: str) -> list[str]:
+    """Devices a template and its clones have in common beyond the config's: the root port
+    the vsock device is hot-plugged into, and the vmgenid that tells clones apart."""
+    return [
+        *device_args("pcie-root-port", id=HOTPLUG_PORT, bus="pcie.0", chassis=1),
+        *device_args("vmgenid", id=VMGENID_ID, guid=vmgenid),
+    ]
+
+
+# ---- templates -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Template:
+    """A saved guest in the cache: its RAM file, device state, and how to reach its agent."""
+
+    directory: Path
+    key: str
+    token: str  # the template's token: every clone's agent says it in HELLO, before CLONE
+    memory_mib: int
+
+    @property
+    def ram(self) -> Path:
+        return self.directory / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.directory / "state"
+
+    @classmethod
+    def load(cls, directory: Path) -> Template:
+        meta = json.loads((directory / "template.json").read_text())
+        return cls(directory, meta["key"], meta["token"], meta["memory_mib"])
+
+    def discard(self) -> None:
+        """Remove it from the cache (a broken template); the next use makes a new one."""
+        with FileLock(str(self.directory) + ".lock"):
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def templates_dir(cache: Path | None = None) -> Path:
+    return (cache or cache_dir()) / "templates"
+
+
+class TemplateVM(MicroVM):
+    """Boots the guest a template is saved from (see the module docstring)."""
+
+    mounts_shares = False  # a mounted 9p share blocks migration; clones mount after restore
+
+    def __init__(self, config: VMConfig, ram: Path, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._ram = ram
+
+    def _layout(self, vsock_device: tuple[str, dict[str, str]]) -> Layout:
+        driver, props = vsock_device
+        return Layout(
+            args=[*_snapshot_devices("auto"), *device_args(driver, **props, id=VSOCK_ID, bus=HOTPLUG_PORT)],
+            ram_file=str(self._ram),
+        )
+
+    def save(self, state: Path, timeout: float = 20.0) -> None:
+        """Quiet the guest, unplug its vsock, stop it and write its device state to ``state``."""
+        assert self.monitor is not None and self._client is not None and self._listener is not None
+        deadline = time.monotonic() + timeout
+        # No listener first: the agent's reconnects are refused, so no connection is open
+        # in the guest when it is saved. Then the connection it has.
+        self._listener.close()
+        self._client.close()
+        self.monitor.command("device_del", id=VSOCK_ID)
+        while VSOCK_ID in self._peripherals():  # the guest ejects it (ACPI) when it gets to it
+            self._raise_if_dead(SnapshotError)
+            if time.monotonic() > deadline:
+                raise self._failure(
+                    f"the guest did not release its vsock device within {timeout:.0f}s: cloning needs a kernel "
+                    "with PCIEPORTBUS, HOTPLUG_PCI and HOTPLUG_PCI_ACPI (Debian's and the source kernel have them)",
+                    SnapshotError,
+                )
+            time.sleep(0.01)
+        self.monitor.command("stop")
+        self.monitor.command(
+            "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
+        )
+        self.monitor.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+        _await_migration(self, deadline, "saving the template")
+
+    def _peripherals(self) -> set[str]:
+        assert self.monitor is not None
+        return {p["name"] for p in self.monitor.command("qom-list", path="/machine/peripheral")["return"]}
+
+
+def _await_migration(vm: MicroVM, deadline: float, what: str) -> None:
+    assert vm.monitor is not None
+    while True:
+        vm._raise_if_dead(SnapshotError)
+        info = vm.monitor.command("query-migrate")["return"]
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise vm._failure(f"{what} failed: {info.get('error-desc', status)}", SnapshotError)
+        if time.monotonic() > deadline:
+            raise vm._failure(f"{what} did not finish (status {status})", SnapshotError)
+        time.sleep(0.005)
+
+
+def make_template(
+    config: VMConfig, image: GuestImage, host: HostReport, key: str, cache: Path | None = None
+) -> Template:
+    """The template for ``key``, made now unless the cache has it (one maker across
+    processes: others wait on its lock)."""
+    final = templates_dir(cache) / key
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / "template.json").exists():
+            return Template.load(final)
+        shutil.rmtree(final, ignore_errors=True)  # a half-made or discarded one
+        for stale in final.parent.glob(f".{key}.*"):  # a maker killed halfway
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = final.parent / f".{key}.{os.getpid()}"
+        staging.mkdir()
+        try:
+            started = time.monotonic()
+            vm = TemplateVM(config.with_(image=image), staging / "ram", host=host, name="template")
+            try:
+                vm.start()
+                vm.save(staging / "state")
+            finally:
+                vm.stop(graceful=False)
+            if not (staging / "state").is_file() or (staging / "state").stat().st_size == 0:
+                raise SnapshotError("saving the template wrote no device state")
+            meta = {"key": key, "token": vm.token, "memory_mib": config.memory_mib, "made": time.time()}
+            (staging / "template.json").write_text(json.dumps(meta, indent=2) + "\n")
+            os.rename(staging, final)
+            log.info("made snapshot template %s in %.2fs", key, time.monotonic() - started)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return Template.load(final)
+
+
+# ---- clones ----------------------------------------------------------------------------
+
+
+def shm_dir() -> Path:
+    return Path(os.environ.get(SHM_ENV) or "/dev/shm")
+
+
+def ram_copy(template: Template) -> int:
+    """An unnamed file on the clone tmpfs holding the template's RAM; returns its descriptor.
+
+    O_TMPFILE: the file never has a name, so nothing is left behind whatever happens to
+    this process; it lives as long as a descriptor or mapping of it (QEMU's, the vsock
+    backend's). Only the template's data extents are copied: the rest are holes, which
+    read as the zeros the guest never wrote.
+    """
+    where = shm_dir()
+    need = template.memory_mib << 20
+    try:
+        st = os.statvfs(where)
+    except OSError as exc:
+        raise SnapshotError(f"cannot use {where} for clone RAM: {exc}") from exc
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise ShmTooSmall(
+            f"{where} has {free >> 20} MiB free, a clone needs {template.memory_mib} MiB "
+            f"(its guest memory): enlarge it (mount -o remount,size=... {where}) or set {SHM_ENV}"
+        )
+    try:
+        dst = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise SnapshotError(f"cannot make an unnamed file in {where} for clone RAM: {exc}") from exc
+    try:
+        with open(template.ram, "rb") as src:
+            _copy_extents(src.fileno(), dst, os.fstat(src.fileno()).st_size)
+    except BaseException:
+        os.close(dst)
+        raise
+    return dst
+
+
+def _copy_extents(src: int, dst: int, size: int) -> None:
+    os.ftruncate(dst, size)
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        os.lseek(dst, start, os.SEEK_SET)
+        left = end - start
+        offset = start
+        while left:
+            sent = os.sendfile(dst, src, offset, min(left, 1 << 30))
+            if sent == 0:
+                raise SnapshotError("the template's RAM file is shorter than it says")
+            offset += sent
+            left -= sent
+        pos = end
+
+
+class CloneVM(MicroVM):
+    """A VM restored from a :class:`Template` (see the module docstring)."""
+
+    def __init__(self, config: VMConfig, template: Template, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.template = template
+        self.token = template.token  # until CLONE gives the guest its own
+        self.vmgenid = str(uuid.uuid4())
+        self.restore_seconds: float | None = None
+        self._ram_fd: int | None = None
+        self._vsock_device: tuple[str, dict[str, str]] | None = None
+
+    def _layout(self, vsock_device: tuple[str, dict[str, str]]) -> Layout:
+        self._vsock_device = vsock_device
+        self._ram_fd = ram_copy(self.template)
+        return Layout(
+            args=[*_snapshot_devices(self.vmgenid), "-incoming", "defer"],
+            ram_file=f"/proc/self/fd/{self._ram_fd}",
+            pass_fds=(self._ram_fd,),
+        )
+
+    def _launched(self, deadline: float) -> None:
+        assert self.monitor is not None and self._vsock_device is not None
+        started = time.monotonic()
+        if self._ram_fd is not None:  # QEMU has its own descriptor now
+            os.close(self._ram_fd)
+            self._ram_fd = None
+        until = min(deadline, started + _RESTORE_TIMEOUT)
+        try:
+            self._connect_monitor(until)
+            self.monitor.command(
+                "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
+            )
+            self.monitor.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.template.state))}")
+            _await_migration(self, until, "restoring the snapshot")
+            driver, props = self._vsock_device
+            self.monitor.command("device_add", driver=driver, id=VSOCK_ID, bus=HOTPLUG_PORT, **props)
+            self.monitor.command("cont")
+        except MonitorError as exc:
+            raise self._failure(f"restoring the snapshot failed: {exc}", SnapshotError) from exc
+        self.restore_seconds = time.monotonic() - started
+
+    def _connect_monitor(self, until: float) -> None:
+        assert self.monitor is not None
+        while not self.monitor.path.exists():  # QEMU makes its monitor socket a moment after it starts
+            self._raise_if_dead(SnapshotError)
+            if time.monotonic() > until:
+                raise MonitorError(f"QEMU made no monitor socket at {self.monitor.path}")
+            time.sleep(0.002)
+        self.monitor.connect()
+
+    def _await_agent(self, deadline: float) -> AgentClient:
+        # A restored agent connects within a second of the hot-plug; one that has not after
+        # _RESTORE_TIMEOUT never will (a kernel that missed the hot-plug): fail as a
+        # snapshot problem, which the caller answers with a boot, not a boot-timeout wait.
+        try:
+            return super()._await_agent(min(deadline, time.monotonic() + _RESTORE_TIMEOUT))
+        except SnapshotError:
+            raise
+        except BootError as exc:
+            raise SnapshotError(
+                f"{_first_line(exc)} after the restore", console_tail=exc.console_tail, qemu_stderr=exc.qemu_stderr
+            ) from exc
+
+    def _connected(self, client: AgentClient) -> None:
+        token = secrets.token_hex(16)
+        client.become_clone(token)
+        self.token = token  # the agent says this one from now on (a reconnect, microvm attach)
+
+    def stop(self, *, graceful: bool = True, timeout: float = 10.0, keep: bool | None = None) -> None:
+        try:
+            super().stop(graceful=graceful, timeout=timeout, keep=keep)
+        finally:
+            if self._ram_fd is not None:
+                os.close(self._ram_fd)
+                self._ram_fd = None
+
+
+# ---- choosing: a clone when possible ------------------------------------------------------
+
+
+class Templates:
+    """The templates one process uses: made on first need, repaired once, then given up on."""
+
+    def __init__(self, cache: str | os.PathLike[str] | None = None) -> None:
+        self.cache = cache  # the cache root's override; None: the default, resolved at use
+        self._lock = threading.Lock()
+        self._broken: dict[str, str] = {}  # key -> why this process boots instead
+        self._warned: set[str] = set()
+
+    def warn_once(self, why: str) -> None:
+        with self._lock:
+            if why in self._warned:
+                return
+            self._warned.add(why)
+        log.warning("booting instead of cloning: %s", why)
+
+    def start(
+        self,
+        config: VMConfig,
+        *,
+        host: HostReport | None = None,
+        qemu_args_hook: QemuArgsHook | None = None,
+        name: str = "vm",
+        hooked: bool = False,
+    ) -> MicroVM:
+        """A started VM for ``config``: a clone when possible, else a boot (see why_not)."""
+        host = host or detect_host()
+        reason = why_not(config, host, hooked=hooked)
+        if reason is not None:
+            log.debug("%s boots: %s", name, reason)
+            return MicroVM(config, host=host, qemu_args_hook=qemu_args_hook, name=name).start()
+        image = storage.image_for(config)
+        config = config.with_(image=image)
+        key = template_key(config, image, host)
+        for attempt in (1, 2):
+            if key in self._broken:
+                break
+            try:
+                template = make_template(config, image, host, key, cache_dir(self.cache))
+            except MicroVMError as exc:
+                self._give_up(key, f"the snapshot template could not be made: {_first_line(exc)}")
+                break
+            try:
+                return CloneVM(config, template, host=host, name=name).start()
+            except ShmTooSmall as exc:
+                self._give_up(key, str(exc))
+            except SnapshotError as exc:
+                # A template that does not restore (a corrupt state file, a QEMU that
+                # changed in place) is remade once; a second failure is for good.
+                template.discard()
+                if attempt == 2:
+                    self._give_up(key, f"restoring its snapshot failed twice: {_first_line(exc)}")
+                else:
+                    log.warning("restoring snapshot template %s failed (%s); making it again", key, _first_line(exc))
+        self.warn_once(self._broken[key])
+        return MicroVM(config, host=host, qemu_args_hook=qemu_args_hook, name=name).start()
+
+    def _give_up(self, key: str, why: str) -> None:
+        with self._lock:
+            self._broken[key] = why
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# ---- the pool ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    config: VMConfig
+    ready: list[MicroVM] = field(default_factory=list)
+    active: bool = True
+
+
+class ClonePool:
+    """Clones made ahead, so the next test's VM is ready when it asks.
+
+    One long-lived thread makes them: QEMU and the backend die with the *thread* that
+    spawned them (PR_SET_PDEATHSIG), so they must not come from short-lived threads. The
+    thread lives until :meth:`close`, which stops every VM it still holds; a VM handed
+    out is its taker's to stop, and must be stopped before close (the plugin's fixtures
+    are). Only configurations asked for through :meth:`take` are made ahead, ``size`` each.
+    """
+
+    def __init__(self, templates: Templates, size: int = 1) -> None:
+        self.templates = templates
+        self.size = size
+        self._cond = threading.Condition()
+        # Per configuration asked for (VMConfig holds dicts: compared, not hashed).
+        self._slots: list[_Slot] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def take(
+        self,
+        config: VMConfig,
+        *,
+        name: str = "vm",
+        hooked: bool = False,
+        qemu_args_hook: QemuArgsHook | None = None,
+    ) -> MicroVM:
+        """A started VM for ``config``: one made ahead if there is one, else made now."""
+        host = detect_host()
+        if self.size < 1 or why_not(config, host, hooked=hooked) is not None:
+            return self.templates.start(config, host=host, name=name, hooked=hooked, qemu_args_hook=qemu_args_hook)
+        config = config.with_(image=storage.image_for(config))
+        with self._cond:
+            slot = self._slot(config)
+            vm = slot.ready.pop(0) if slot.ready else None
+            slot.active = True  # after a failure too: the next make may work
+            self._cond.notify_all()
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._fill, name="microvm-clone-pool", daemon=True)
+                self._thread.start()
+        if vm is not None and vm.runstate is Runstate.RUNNING:
+            vm.rename(name)
+            return vm
+        if vm is not None:
+            vm.stop(graceful=False)
+        return self.templates.start(config, host=host, name=name)
+
+    def _slot(self, config: VMConfig) -> _Slot:
+        for slot in self._slots:
+            if slot.config == config:
+                return slot
+        self._slots.append(_Slot(config))
+        return self._slots[-1]
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                todo = None
+                while todo is None:
+                    if self._closed:
+                        return
+                    todo = next((s for s in self._slots if s.active and len(s.ready) < self.size), None)
+                    if todo is None:
+                        self._cond.wait()
+            try:
+                vm = self.templates.start(todo.config, name="pooled")
+            except Exception as exc:  # the taker makes its own VM and sees the error itself
+                log.warning("making a clone ahead failed: %s", _first_line(exc))
+                with self._cond:
+                    todo.active = False  # no retry loop: the next take() asks again
+                continue
+            with self._cond:
+                if self._closed:
+                    vm.stop(graceful=False)
+                    return
+                todo.ready.append(vm)
+
+    def close(self) -> None:
+        """Stop the clones not handed out and the thread; nothing of the pool is left."""
+        with self._cond:
+            self._closed = True
+            vms = [vm for slot in self._slots for vm in slot.ready]
+            self._slots.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        for vm in vms:
+            vm.stop(graceful=False)
+        if thread is not None:
+            thread.join(timeout=60)
+
+
+def boot_or_clone(config: VMConfig | None = None, **kwargs: Any) -> MicroVM:
+    """A started VM: a clone when the configuration allows, else a boot (module-level
+    convenience over a process-wide :class:`Templates`)."""
+    return _default_templates().start(config or VMConfig(), **kwargs)
+
+
+_templates: Templates | None = None
+_templates_lock = threading.Lock()
+
+
+def _default_templates() -> Templates:
+    global _templates
+    with _templates_lock:
+        if _templates is None:
+            _templates = Templates()
+        return _templates
+
+
+__all__ = [
+    "ClonePool",
+    "CloneVM",
+    "ShmTooSmall",
+    "SnapshotError",
+    "Template",
+    "TemplateVM",
+    "Templates",
+    "boot_or_clone",
+    "make_template",
+    "template_key",
+    "why_not",
+]
