@@ -262,13 +262,13 @@ def _start(config: pytest.Config, cfg: VMConfig, name: str, *, pooled: bool = Tr
         return list(changed) if changed is not None else argv
 
     # A hook that rewrites QEMU's arguments could make a template's command line differ
-    # from its clones': such VMs boot.
-    hooked = bool(hook.pytest_microvm_qemu_args.get_hookimpls())
+    # from its clones': VMs boot when a conftest or plugin implements one.
+    args_hook = qemu_args if hook.pytest_microvm_qemu_args.get_hookimpls() else None
     pool = _pool(config)
     if pooled:
-        vm = pool.take(cfg, name=name, hooked=hooked, qemu_args_hook=qemu_args)
+        vm = pool.take(cfg, name=name, qemu_args_hook=args_hook)
     else:
-        vm = pool.templates.start(cfg, name=name, hooked=hooked, qemu_args_hook=qemu_args)
+        vm = pool.templates.start(cfg, name=name, qemu_args_hook=args_hook)
     hook.pytest_microvm_ready(vm=vm)
     return vm
 

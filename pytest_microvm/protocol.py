@@ -178,6 +178,8 @@ def encode_clone(realtime_ns: int, token: str, entropy: bytes) -> bytes:
         raise ValueError(f"CLONE entropy must be {low}..{high} bytes, not {len(entropy)}")
     if not 1 <= len(token.encode()) <= MAX_TOKEN:
         raise ValueError(f"CLONE token must be 1..{MAX_TOKEN} bytes")
+    if not 0 <= realtime_ns < 1 << 64:
+        raise ValueError(f"CLONE time out of range: {realtime_ns} ns")
     seconds, nanoseconds = divmod(realtime_ns, 1_000_000_000)
     payload = struct.pack(">III", seconds >> 32, seconds & 0xFFFFFFFF, nanoseconds)
     return frame(FrameType.CLONE, 0, payload + _c_str(token, "token") + _str(entropy))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import warnings
 from pathlib import Path
@@ -17,6 +18,10 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pytest_microvm.errors import MicroVMError
+
+# qemu.qmp logs at ERROR when QEMU goes away under it (a guest powering off, a restore
+# QEMU refuses); every such failure reaches our callers as a MonitorError that says it.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class MonitorError(MicroVMError):

@@ -24,6 +24,7 @@ Owns everything about snapshots; :mod:`.vm` only offers three hooks (``_layout``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -32,6 +33,7 @@ import os
 import secrets
 import shlex
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -66,7 +68,15 @@ class SnapshotError(BootError):
     """A template could not be made, or a clone could not be restored from it."""
 
 
-class ShmTooSmall(SnapshotError):
+class TemplateBroken(SnapshotError):
+    """The template's saved state did not load: it is discarded and made again."""
+
+
+class CannotClone(SnapshotError):
+    """This host cannot hold a clone (the tmpfs for its RAM); the template is fine."""
+
+
+class ShmTooSmall(CannotClone):
     """The tmpfs for clones' RAM has less room than one clone's memory."""
 
 
@@ -269,7 +279,21 @@ def shm_dir() -> Path:
 
 
 def ram_copy(template: Template) -> int:
-    """An unnamed file on the clone tmpfs holding the template's RAM; returns its descriptor.
+    """An unnamed file on the clone tmpfs holding the template's RAM; returns its descriptor."""
+    dst, src = ram_file(template)
+    try:
+        _copy_extents(src, dst, os.fstat(src).st_size)
+    except BaseException:
+        os.close(dst)
+        raise
+    finally:
+        os.close(src)
+    return dst
+
+
+def ram_file(template: Template) -> tuple[int, int]:
+    """(an unnamed file on the clone tmpfs, sized for the template's RAM but not filled;
+    the template's RAM file, open for reading): see _copy_extents to fill the one from the other.
 
     O_TMPFILE: the file never has a name, so nothing is left behind whatever happens to
     this process; it lives as long as a descriptor or mapping of it (QEMU's, the vsock
@@ -281,7 +305,7 @@ def ram_copy(template: Template) -> int:
     try:
         st = os.statvfs(where)
     except OSError as exc:
-        raise SnapshotError(f"cannot use {where} for clone RAM: {exc}") from exc
+        raise CannotClone(f"cannot use {where} for clone RAM ({exc}): set {SHM_ENV} to a tmpfs") from exc
     free = st.f_bavail * st.f_frsize
     if free < need:
         raise ShmTooSmall(
@@ -291,14 +315,21 @@ def ram_copy(template: Template) -> int:
     try:
         dst = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise SnapshotError(f"cannot make an unnamed file in {where} for clone RAM: {exc}") from exc
+        raise CannotClone(
+            f"cannot make an unnamed file (O_TMPFILE) in {where} for clone RAM ({exc}): set {SHM_ENV} to a tmpfs"
+        ) from exc
     try:
-        with open(template.ram, "rb") as src:
-            _copy_extents(src.fileno(), dst, os.fstat(src.fileno()).st_size)
+        src = os.open(template.ram, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        os.close(dst)
+        raise SnapshotError(f"template {template.key} vanished (another process discarded it)") from exc
+    try:
+        os.ftruncate(dst, os.fstat(src).st_size)
     except BaseException:
         os.close(dst)
+        os.close(src)
         raise
-    return dst
+    return dst, src
 
 
 def _copy_extents(src: int, dst: int, size: int) -> None:
@@ -334,31 +365,63 @@ class CloneVM(MicroVM):
         self.vmgenid = str(uuid.uuid4())
         self.restore_seconds: float | None = None
         self._ram_fd: int | None = None
+        self._filling: threading.Thread | None = None
+        self._fill_error: BaseException | None = None
         self._vsock_device: tuple[str, dict[str, str]] | None = None
 
     def _layout(self, vsock_device: tuple[str, dict[str, str]]) -> Layout:
         self._vsock_device = vsock_device
-        self._ram_fd = ram_copy(self.template)
+        self._ram_fd, src = ram_file(self.template)
+        # The RAM is filled while QEMU starts: QEMU maps the file at once but reads none of
+        # it before the device state loads (_launched waits for the copy first).
+        self._filling = threading.Thread(
+            target=self._fill, args=(src, self._ram_fd), name=f"{self.name}-ram", daemon=True
+        )
+        self._filling.start()
         return Layout(
             args=[*_snapshot_devices(self.vmgenid), "-incoming", "defer"],
             ram_file=f"/proc/self/fd/{self._ram_fd}",
             pass_fds=(self._ram_fd,),
         )
 
+    def _fill(self, src: int, dst: int) -> None:
+        try:
+            _copy_extents(src, dst, os.fstat(src).st_size)
+        except BaseException as exc:  # handed to the starting thread in _await_fill
+            self._fill_error = exc
+        finally:
+            os.close(src)
+
+    def _await_fill(self) -> None:
+        if self._filling is not None:
+            self._filling.join()
+            self._filling = None
+        if self._ram_fd is not None:  # QEMU has its own descriptor of the file
+            os.close(self._ram_fd)
+            self._ram_fd = None
+        if self._fill_error is not None:
+            raise self._failure(f"copying the template's RAM failed: {self._fill_error}", SnapshotError)
+
     def _launched(self, deadline: float) -> None:
         assert self.monitor is not None and self._vsock_device is not None
         started = time.monotonic()
-        if self._ram_fd is not None:  # QEMU has its own descriptor now
-            os.close(self._ram_fd)
-            self._ram_fd = None
         until = min(deadline, started + _RESTORE_TIMEOUT)
         try:
             self._connect_monitor(until)
+            self._await_fill()
             self.monitor.command(
                 "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
             )
             self.monitor.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.template.state))}")
-            _await_migration(self, until, "restoring the snapshot")
+            try:
+                _await_migration(self, until, "restoring the snapshot")
+            except (SnapshotError, MonitorError) as exc:
+                # The saved state is what failed to load; QEMU exits on a state it cannot
+                # load (its monitor drops): let it finish saying why on stderr.
+                self._wait_exit(time.monotonic() + 2.0)
+                raise self._failure(
+                    f"the template's saved state did not load: {_first_line(exc)}", TemplateBroken
+                ) from exc
             driver, props = self._vsock_device
             self.monitor.command("device_add", driver=driver, id=VSOCK_ID, bus=HOTPLUG_PORT, **props)
             self.monitor.command("cont")
@@ -368,10 +431,17 @@ class CloneVM(MicroVM):
 
     def _connect_monitor(self, until: float) -> None:
         assert self.monitor is not None
-        while not self.monitor.path.exists():  # QEMU makes its monitor socket a moment after it starts
+        # QEMU makes its monitor socket a moment after it starts, and listens on it a moment
+        # after that: knock first (a refused knock costs nothing), then speak QMP.
+        while True:
             self._raise_if_dead(SnapshotError)
-            if time.monotonic() > until:
-                raise MonitorError(f"QEMU made no monitor socket at {self.monitor.path}")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
+                try:
+                    knock.connect(str(self.monitor.path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > until:
+                        raise MonitorError(f"QEMU did not open its monitor at {self.monitor.path}") from None
             time.sleep(0.002)
         self.monitor.connect()
 
@@ -397,9 +467,8 @@ class CloneVM(MicroVM):
         try:
             super().stop(graceful=graceful, timeout=timeout, keep=keep)
         finally:
-            if self._ram_fd is not None:
-                os.close(self._ram_fd)
-                self._ram_fd = None
+            with contextlib.suppress(MicroVMError):
+                self._await_fill()  # a start that failed before the restore
 
 
 # ---- choosing: a clone when possible ------------------------------------------------------
@@ -428,11 +497,14 @@ class Templates:
         host: HostReport | None = None,
         qemu_args_hook: QemuArgsHook | None = None,
         name: str = "vm",
-        hooked: bool = False,
     ) -> MicroVM:
-        """A started VM for ``config``: a clone when possible, else a boot (see why_not)."""
+        """A started VM for ``config``: a clone when possible, else a boot (see why_not).
+
+        A ``qemu_args_hook`` could make a clone's command line differ from its template's,
+        so a VM with one always boots: pass None when the hook would change nothing.
+        """
         host = host or detect_host()
-        reason = why_not(config, host, hooked=hooked)
+        reason = why_not(config, host, hooked=qemu_args_hook is not None)
         if reason is not None:
             log.debug("%s boots: %s", name, reason)
             return MicroVM(config, host=host, qemu_args_hook=qemu_args_hook, name=name).start()
@@ -449,16 +521,21 @@ class Templates:
                 break
             try:
                 return CloneVM(config, template, host=host, name=name).start()
-            except ShmTooSmall as exc:
+            except CannotClone as exc:
                 self._give_up(key, str(exc))
             except SnapshotError as exc:
-                # A template that does not restore (a corrupt state file, a QEMU that
-                # changed in place) is remade once; a second failure is for good.
-                template.discard()
+                # A template whose state does not load (corrupt, or a QEMU changed in place)
+                # is remade; other faults (a hot-plug refused, an agent that never came) are
+                # tried once more. Only the state's own failure discards it: other processes
+                # share the template.
+                broken = isinstance(exc, TemplateBroken)
+                if broken:
+                    template.discard()
                 if attempt == 2:
                     self._give_up(key, f"restoring its snapshot failed twice: {_first_line(exc)}")
                 else:
-                    log.warning("restoring snapshot template %s failed (%s); making it again", key, _first_line(exc))
+                    again = "making it again" if broken else "trying once more"
+                    log.warning("restoring snapshot template %s failed (%s); %s", key, _first_line(exc), again)
         self.warn_once(self._broken[key])
         return MicroVM(config, host=host, qemu_args_hook=qemu_args_hook, name=name).start()
 
@@ -505,13 +582,12 @@ class ClonePool:
         config: VMConfig,
         *,
         name: str = "vm",
-        hooked: bool = False,
         qemu_args_hook: QemuArgsHook | None = None,
     ) -> MicroVM:
         """A started VM for ``config``: one made ahead if there is one, else made now."""
         host = detect_host()
-        if self.size < 1 or why_not(config, host, hooked=hooked) is not None:
-            return self.templates.start(config, host=host, name=name, hooked=hooked, qemu_args_hook=qemu_args_hook)
+        if self.size < 1 or why_not(config, host, hooked=qemu_args_hook is not None) is not None:
+            return self.templates.start(config, host=host, name=name, qemu_args_hook=qemu_args_hook)
         config = config.with_(image=storage.image_for(config))
         with self._cond:
             slot = self._slot(config)
@@ -591,11 +667,13 @@ def _default_templates() -> Templates:
 
 
 __all__ = [
+    "CannotClone",
     "ClonePool",
     "CloneVM",
     "ShmTooSmall",
     "SnapshotError",
     "Template",
+    "TemplateBroken",
     "TemplateVM",
     "Templates",
     "boot_or_clone",

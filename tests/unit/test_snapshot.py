@@ -32,6 +32,7 @@ from pytest_microvm.machine.snapshot import (
     ShmTooSmall,
     SnapshotError,
     Template,
+    TemplateBroken,
     Templates,
     _copy_extents,
     make_template,
@@ -278,12 +279,6 @@ def test_ram_copy_of_a_missing_shm_dir_is_a_snapshot_error(tmp_path: Path, monke
         ram_copy(template)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,
-    reason="bug: a template whose RAM file is gone (another process discarded it) raises FileNotFoundError, "
-    "which Templates.start does not catch, instead of a SnapshotError that falls back to a boot",
-)
 def test_ram_copy_of_a_template_without_its_ram_is_a_snapshot_error_and_leaks_nothing(
     tmp_path: Path, shm: Path
 ) -> None:
@@ -402,7 +397,7 @@ def test_a_restore_that_fails_once_remakes_the_template_and_clones(
     fakes: Fakes, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="pytest_microvm.machine.snapshot")
-    fakes.restores = [SnapshotError("the state file is corrupt"), None]
+    fakes.restores = [TemplateBroken("the state file is corrupt"), None]
     vm = _start(Templates(tmp_path), name="t1")
     assert vm.kind == "clone" and vm.name == "t1" and vm is fakes.clones[-1]
     assert vm.config is not None and vm.config.image is not None and vm.config.image.key == "imagekey0123"
@@ -412,15 +407,25 @@ def test_a_restore_that_fails_once_remakes_the_template_and_clones(
     assert not _warnings(caplog, "booting instead of cloning")
 
 
+def test_a_fault_outside_the_template_keeps_it_and_tries_once_more(
+    fakes: Fakes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pytest_microvm.machine.snapshot")
+    fakes.restores = [SnapshotError("the hot-plug was refused"), None]
+    vm = _start(Templates(tmp_path), name="t1")
+    assert vm.kind == "clone"
+    assert [t.discarded for t in fakes.templates] == [0, 0]  # shared with other processes: kept
+    assert len(_warnings(caplog, "trying once more")) == 1
+
+
 def test_a_restore_that_fails_twice_boots_and_says_why_once(
     fakes: Fakes, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="pytest_microvm.machine.snapshot")
-    fakes.restores = [SnapshotError("restore broke\ndetails"), SnapshotError("restore broke again\ndetails")]
+    fakes.restores = [TemplateBroken("restore broke\ndetails"), TemplateBroken("restore broke again\ndetails")]
     templates = Templates(tmp_path)
-    hook = cast(Any, lambda config, argv: argv)
-    vm = _start(templates, name="t1", qemu_args_hook=hook)
-    assert vm.kind == "boot" and vm.name == "t1" and vm.kwargs["qemu_args_hook"] is hook
+    vm = _start(templates, name="t1")
+    assert vm.kind == "boot" and vm.name == "t1"
     assert [t.discarded for t in fakes.templates] == [1, 1]
     warned = _warnings(caplog, "booting instead of cloning")
     assert len(warned) == 1
@@ -471,7 +476,7 @@ def test_a_config_that_cannot_be_a_clone_boots_without_a_template(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="pytest_microvm.machine.snapshot")
     hook = cast(Any, lambda config, argv: argv)
-    vm = _start(Templates(tmp_path), VMConfig(snapshot=False), name="b", hooked=False, qemu_args_hook=hook)
+    vm = _start(Templates(tmp_path), VMConfig(snapshot=False), name="b", qemu_args_hook=hook)
     assert vm.kind == "boot" and vm.name == "b" and vm.kwargs["qemu_args_hook"] is hook
     assert not fakes.templates and not fakes.clones
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # the user asked for it: no warning
@@ -495,11 +500,10 @@ class FakeTemplates:
         *,
         host: HostReport | None = None,
         name: str = "vm",
-        hooked: bool = False,
         qemu_args_hook: Any = None,
     ) -> FakeVM:
         with self.lock:
-            self.calls.append({"config": config, "name": name, "hooked": hooked})
+            self.calls.append({"config": config, "name": name, "hooked": qemu_args_hook is not None})
         if self.fail_pooled and name == "pooled":
             raise SnapshotError("no template\nmore")
         vm = FakeVM(name, "clone", config)
@@ -649,7 +653,7 @@ def test_pool_of_size_zero_never_starts_a_thread(pools: Callable[..., ClonePool]
 def test_pool_does_not_make_ahead_what_cannot_be_a_clone(pools: Callable[..., ClonePool]) -> None:
     fake = FakeTemplates()
     pool = pools(fake)
-    pool.take(VMConfig(), name="hooked", hooked=True)
+    pool.take(VMConfig(), name="hooked", qemu_args_hook=cast(Any, lambda config, argv: argv))
     pool.take(VMConfig(snapshot=False), name="plain")
     assert fake.calls[0]["hooked"] is True and fake.names() == ["hooked", "plain"]
     assert pool._thread is None and not pool._slots
