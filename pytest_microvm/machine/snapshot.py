@@ -555,7 +555,8 @@ def _first_line(exc: BaseException) -> str:
 class _Slot:
     config: VMConfig
     ready: list[MicroVM] = field(default_factory=list)
-    active: bool = True
+    active: bool = True  # made ahead; False after a failure, until the next take()
+    making: bool = False  # the pool's thread is making one now
 
 
 class ClonePool:
@@ -576,6 +577,7 @@ class ClonePool:
         self._slots: list[_Slot] = []
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._host: HostReport | None = None  # detected once: it runs `qemu --version`
 
     def take(
         self,
@@ -584,8 +586,9 @@ class ClonePool:
         name: str = "vm",
         qemu_args_hook: QemuArgsHook | None = None,
     ) -> MicroVM:
-        """A started VM for ``config``: one made ahead if there is one, else made now."""
-        host = detect_host()
+        """A started VM for ``config``: one made ahead if there is one (or being made: it
+        is nearly ready, and making a second at once would slow both), else made now."""
+        host = self._host = self._host or detect_host()
         if self.size < 1 or why_not(config, host, hooked=qemu_args_hook is not None) is not None:
             return self.templates.start(config, host=host, name=name, qemu_args_hook=qemu_args_hook)
         config = config.with_(image=storage.image_for(config))
@@ -621,14 +624,18 @@ class ClonePool:
                     todo = next((s for s in self._slots if s.active and len(s.ready) < self.size), None)
                     if todo is None:
                         self._cond.wait()
+                todo.making = True
             try:
-                vm = self.templates.start(todo.config, name="pooled")
+                vm = self.templates.start(todo.config, host=self._host, name="pooled")
             except Exception as exc:  # the taker makes its own VM and sees the error itself
                 log.warning("making a clone ahead failed: %s", _first_line(exc))
                 with self._cond:
-                    todo.active = False  # no retry loop: the next take() asks again
+                    todo.active = todo.making = False  # no retry loop: the next take() asks again
+                    self._cond.notify_all()
                 continue
             with self._cond:
+                todo.making = False
+                self._cond.notify_all()
                 if self._closed:
                     vm.stop(graceful=False)
                     return
@@ -648,24 +655,6 @@ class ClonePool:
             thread.join(timeout=60)
 
 
-def boot_or_clone(config: VMConfig | None = None, **kwargs: Any) -> MicroVM:
-    """A started VM: a clone when the configuration allows, else a boot (module-level
-    convenience over a process-wide :class:`Templates`)."""
-    return _default_templates().start(config or VMConfig(), **kwargs)
-
-
-_templates: Templates | None = None
-_templates_lock = threading.Lock()
-
-
-def _default_templates() -> Templates:
-    global _templates
-    with _templates_lock:
-        if _templates is None:
-            _templates = Templates()
-        return _templates
-
-
 __all__ = [
     "CannotClone",
     "ClonePool",
@@ -676,7 +665,6 @@ __all__ = [
     "TemplateBroken",
     "TemplateVM",
     "Templates",
-    "boot_or_clone",
     "make_template",
     "template_key",
     "why_not",

@@ -261,9 +261,22 @@ def inner_options(microvm_image: GuestImage, session_kernel: str | None, monkeyp
     return ["-p", "no:cacheprovider", *([f"--microvm-kernel={session_kernel}"] if session_kernel else [])]
 
 
-def test_the_plugin_hands_out_clones(pytester: pytest.Pytester, inner_options: list[str]) -> None:
+def test_the_plugin_hands_out_clones(
+    pytester: pytest.Pytester, inner_options: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytester.makepyfile(test_suite=PLUGIN_SUITE)
-    result = pytester.runpytest_subprocess(*inner_options, timeout=600)
+    workroot = Path(tempfile.mkdtemp(prefix="clones-", dir="/tmp"))  # every VM's argv names it
+    monkeypatch.setenv("TMPDIR", str(workroot))
+    shm_before = set(os.listdir("/dev/shm"))
+    try:
+        result = pytester.runpytest_subprocess(*inner_options, timeout=600)
+        # The pool made one more clone ahead than the session used: gone with the session,
+        # as is everything else (processes, RAM files).
+        assert processes_mentioning(str(workroot)) == {}
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
+    finally:
+        monkeypatch.delenv("TMPDIR")
+        shutil.rmtree(workroot, ignore_errors=True)
     result.assert_outcomes(passed=5)
     result.stdout.fnmatch_lines(["microvm: fresh VMs are snapshot clones where possible, 1 made ahead"])
     off = pytester.runpytest_subprocess(*inner_options, "--microvm-snapshot", "off", timeout=600)
