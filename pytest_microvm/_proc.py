@@ -13,12 +13,19 @@ _PR_SET_PDEATHSIG = 1
 _libc: ctypes.CDLL | None = None
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. The kernel sends SIGKILL when the thread
-    # that forked us exits, so spawn from a long-lived thread (the main one).
+def _load_libc() -> ctypes.CDLL:
+    # In the parent, once: find_library may run ldconfig, which has no place between fork
+    # and exec (and, cached only in the child, it ran on every spawn).
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec. The kernel sends SIGKILL when the thread
+    # that forked us exits, so spawn from a long-lived thread (the main one, a pool's).
+    assert _libc is not None
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
@@ -39,6 +46,8 @@ def spawn(
     ``die_with_parent=False`` only for processes the user asked to keep (debugging a
     failed test's VM after pytest exits); they also get their own session.
     """
+    if die_with_parent:
+        _load_libc()
     return subprocess.Popen(
         list(argv),
         stdin=stdin,

@@ -36,7 +36,8 @@ from pytest_microvm.image.builder import root_request
 from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_kernel
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
 from pytest_microvm.machine.config import Share
-from pytest_microvm.machine.snapshot import ClonePool, Templates
+from pytest_microvm.machine.pool import ClonePool
+from pytest_microvm.machine.snapshot import Templates
 
 _VMS = pytest.StashKey[list[MicroVM]]()
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -174,9 +175,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"microvm: {exc}"]
     kernel = describe_kernel(_setting(config, "kernel"), cache_dir(_setting(config, "cache-dir")))
     lines = [f"microvm: QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
-    snapshot = _setting(config, "snapshot")
-    if snapshot == "off":
+    if _setting(config, "snapshot") == "off":
         lines.append("microvm: snapshots off: every VM boots")
+    elif config.hook.pytest_microvm_qemu_args.get_hookimpls():
+        lines.append("microvm: snapshots off: a pytest_microvm_qemu_args hook rewrites QEMU's command line")
     else:
         lines.append(f"microvm: fresh VMs are snapshot clones where possible, {_setting(config, 'pool')} made ahead")
     if choice.accel == "tcg":
@@ -269,7 +271,11 @@ def _start(config: pytest.Config, cfg: VMConfig, name: str, *, pooled: bool = Tr
         vm = pool.take(cfg, name=name, qemu_args_hook=args_hook)
     else:
         vm = pool.templates.start(cfg, name=name, qemu_args_hook=args_hook)
-    hook.pytest_microvm_ready(vm=vm)
+    try:
+        hook.pytest_microvm_ready(vm=vm)
+    except BaseException:
+        vm.stop(graceful=False)  # nobody else holds it yet
+        raise
     return vm
 
 

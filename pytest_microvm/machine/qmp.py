@@ -75,6 +75,16 @@ class Monitor:
             raise MonitorError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
         return reply
 
+    def send_fd(self, name: str, fd: int) -> None:
+        """Hand QEMU a descriptor (SCM_RIGHTS) under ``name``, for URIs such as ``fd:name``."""
+        if self._qmp is None:
+            raise MonitorError("getfd: the monitor is not connected")
+        try:
+            self._qmp.send_fd_scm(fd)
+        except Exception as exc:
+            raise MonitorError(f"passing a descriptor to QEMU failed: {exc}") from exc
+        self.command("getfd", fdname=name)
+
     def status(self) -> str:
         """QEMU's run state: 'running', 'paused', 'shutdown', …"""
         return str(self.command("query-status")["return"]["status"])

@@ -11,15 +11,17 @@ Owns everything about snapshots; :mod:`.vm` only offers three hooks (``_layout``
   file itself and the state is a few hundred KiB. Templates live in the image cache,
   keyed on everything that makes a snapshot invalid (:func:`template_key`).
 - **Clone** (:class:`CloneVM`): the template's RAM copied (only the pages the guest
-  touched) into an unnamed tmpfs file that QEMU inherits, so no RAM file ever exists by
-  name and none can outlive QEMU; QEMU started with ``-incoming defer`` and no vsock,
-  ``migrate-incoming``, then a new vsock device hot-plugged on the PCIe root port the
-  template has for it (ACPI PCI hotplug), with its own backend. The agent, which retries
-  its connection every 10 ms, connects; the host sends CLONE (docs/protocol.md: clock,
-  entropy, token) before the probe, and each clone has its own vmgenid.
-- :func:`start_vm`: a clone where the configuration allows one, else (or when restoring
+  touched) into a memfd that QEMU inherits, so no RAM file ever exists by name and none
+  can outlive QEMU; QEMU started with ``-incoming defer`` and no vsock, the state loaded
+  from a descriptor opened with the RAM (``migrate-incoming fd:``), then a new vsock
+  device hot-plugged on the PCIe root port the template has for it (ACPI PCI hotplug),
+  with its own backend. The agent, which retries its connection every 10 ms, connects;
+  the host sends CLONE (docs/protocol.md: clock, entropy, token) before the probe, and
+  each clone has its own vmgenid.
+- :class:`Templates`: a clone where the configuration allows one, else (or when restoring
   fails twice) a boot, with a warning that says why.
-- :class:`ClonePool`: clones made ahead on one long-lived thread.
+
+The pool of clones made ahead is :mod:`.pool`.
 """
 
 from __future__ import annotations
@@ -37,22 +39,23 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from pytest_microvm.cache import cache_dir
+from pytest_microvm.cache import cache_dir, cached_build
 from pytest_microvm.client import AgentClient
-from pytest_microvm.errors import BootError, MicroVMError
+from pytest_microvm.errors import BootError, ConfigError, GuestError, MicroVMError, ProtocolError
 from pytest_microvm.image import GuestImage
+from pytest_microvm.image.builder import HOST_ROOT
 from pytest_microvm.machine import storage
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import Layout, device_args
 from pytest_microvm.machine.qmp import MonitorError
-from pytest_microvm.machine.vm import MicroVM, QemuArgsHook, Runstate
+from pytest_microvm.machine.vm import MicroVM, QemuArgsHook
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,12 @@ TEMPLATE_FORMAT = "1"  # bump when what a template holds or how it is made chang
 HOTPLUG_PORT = "microvm-hotplug"  # the PCIe root port the vsock device is plugged into
 VSOCK_ID = "microvm-vsock"
 VMGENID_ID = "microvm-vmgenid"
-SHM_ENV = "MICROVM_SHM_DIR"  # where clones' RAM lives; tmpfs (default /dev/shm)
+SHM_ENV = "MICROVM_SHM_DIR"  # a tmpfs for clones' RAM instead of a memfd (checked for room)
 _RESTORE_TIMEOUT = 30.0  # a restore is a fraction of a second; this bounds a stuck one
+# After the template's vsock device is gone, before the guest is stopped: longer than the
+# agent's connect timeout (250 ms), so a connect request lost with the device times out
+# here, once, and not in every clone.
+_SETTLE = 0.3
 
 
 class SnapshotError(BootError):
@@ -69,7 +76,8 @@ class SnapshotError(BootError):
 
 
 class TemplateBroken(SnapshotError):
-    """The template's saved state did not load: it is discarded and made again."""
+    """The template's files are incomplete or its saved state did not load: it is
+    discarded and made again."""
 
 
 class CannotClone(SnapshotError):
@@ -93,6 +101,8 @@ def why_not(config: VMConfig, host: HostReport, *, hooked: bool = False) -> str 
         return "VMs with network=True boot (their forwarded host ports are their own)"
     if hooked:
         return "a pytest_microvm_qemu_args hook rewrites the QEMU command line"
+    if config.rootfs == HOST_ROOT:
+        return "the host's / is a mounted 9p share from the first moment, which QEMU cannot migrate"
     if host.qemu is None:
         return "QEMU is not installed"
     if choose(host, config.accel, config.vsock).vsock != "userspace":
@@ -118,7 +128,10 @@ def template_key(config: VMConfig, image: GuestImage, host: HostReport) -> str:
         "qemu": [*_file_identity(Path(host.qemu)), host.qemu_version],
         "machine": "q35",
         "accel": choice.accel,
-        "cpu": "host" if choice.accel == "kvm" else "default",
+        # Under KVM the guest runs on the host's CPU (-cpu host) and KVM's view of it: a
+        # template from another CPU or host kernel (a cache shared by CI runners) would
+        # fault. Under TCG the CPU is QEMU's own model.
+        "cpu": _host_cpu() if choice.accel == "kvm" else "qemu-default",
         "vsock": choice.vsock,
         "memory_mib": config.memory_mib,
         "vcpus": config.vcpus,
@@ -126,10 +139,24 @@ def template_key(config: VMConfig, image: GuestImage, host: HostReport) -> str:
         "root_disk": _file_identity(image.root_disk),
         "cmdline": list(config.kernel_cmdline),
         "qemu_args": list(config.qemu_args),
-        "shares": [[guest, str(s.host), s.readonly] for guest, s in config.share_list()],
+        # Only how many: their tags are share0..N, and their host paths and modes live in
+        # QEMU's fsdev, not in the guest or the saved state (and they are mounted after
+        # the restore), so a test's own tmp_path share still clones from one template.
+        "shares": len(config.share_list()),
         "port": config.port,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _host_cpu() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    first = cpuinfo.split("\n\n")[0]  # one processor's entry: model, flags, microcode
+    wanted = ("vendor_id", "cpu family", "model", "model name", "stepping", "microcode", "flags")
+    lines = [line for line in first.splitlines() if line.split(":")[0].strip() in wanted]
+    return hashlib.sha256("\n".join([os.uname().release, *lines]).encode()).hexdigest()[:16]
 
 
 def _snapshot_devices(vmgenid: str) -> list[str]:
@@ -150,6 +177,7 @@ class Template:
 
     directory: Path
     key: str
+    id: str  # this making of the template: a remade one under the same key has another
     token: str  # the template's token: every clone's agent says it in HELLO, before CLONE
     memory_mib: int
 
@@ -163,20 +191,70 @@ class Template:
 
     @classmethod
     def load(cls, directory: Path) -> Template:
-        meta = json.loads((directory / "template.json").read_text())
-        return cls(directory, meta["key"], meta["token"], meta["memory_mib"])
+        """The template in ``directory``; TemplateBroken if any part is missing or wrong."""
+        try:
+            meta = json.loads((directory / "template.json").read_text())
+            template = cls(directory, meta["key"], meta["id"], meta["token"], int(meta["memory_mib"]))
+            ram_size, state_size = template.ram.stat().st_size, template.state.stat().st_size
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TemplateBroken(f"snapshot template {directory.name} is incomplete: {exc}") from exc
+        if ram_size != template.memory_mib << 20 or state_size == 0:
+            raise TemplateBroken(
+                f"snapshot template {directory.name} is damaged: RAM {ram_size} bytes for "
+                f"{template.memory_mib} MiB, device state {state_size} bytes"
+            )
+        return template
+
+    def current_id(self) -> str | None:
+        """The id of the template now in this directory (None: none there)."""
+        try:
+            return str(json.loads((self.directory / "template.json").read_text())["id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def discard(self) -> None:
-        """Remove it from the cache (a broken template); the next use makes a new one."""
-        with FileLock(str(self.directory) + ".lock"):
-            shutil.rmtree(self.directory, ignore_errors=True)
+        """Remove it from the cache; the next use makes a new one. Only this making of it:
+        another process may already have remade it (then that one stays)."""
+        _discard(self.directory, self.id)
+
+
+def _discard(directory: Path, template_id: str | None) -> None:
+    with FileLock(str(directory) + ".lock"):
+        try:
+            found = json.loads((directory / "template.json").read_text()).get("id")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if template_id is None or found in (None, template_id):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def templates_dir(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / "templates"
 
 
-class TemplateVM(MicroVM):
+class _MigrationFailed(SnapshotError):
+    """QEMU ended a migration with status failed: the stream itself was refused."""
+
+
+class _SnapshotVM(MicroVM):
+    """What templates and clones share: waiting for a migration to end."""
+
+    def _await_migration(self, deadline: float, what: str) -> None:
+        assert self.monitor is not None
+        while True:
+            self._raise_if_dead(SnapshotError)
+            info = self.monitor.command("query-migrate")["return"]
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise self._failure(f"{what} failed: {info.get('error-desc', status)}", _MigrationFailed)
+            if time.monotonic() > deadline:
+                raise self._failure(f"{what} did not finish (status {status})", SnapshotError)
+            time.sleep(0.005)
+
+
+class TemplateVM(_SnapshotVM):
     """Boots the guest a template is saved from (see the module docstring)."""
 
     mounts_shares = False  # a mounted 9p share blocks migration; clones mount after restore
@@ -210,119 +288,77 @@ class TemplateVM(MicroVM):
                     SnapshotError,
                 )
             time.sleep(0.01)
+        time.sleep(_SETTLE)
         self.monitor.command("stop")
         self.monitor.command(
             "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
         )
         self.monitor.command("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
-        _await_migration(self, deadline, "saving the template")
+        self._await_migration(deadline, "saving the template")
 
     def _peripherals(self) -> set[str]:
         assert self.monitor is not None
         return {p["name"] for p in self.monitor.command("qom-list", path="/machine/peripheral")["return"]}
 
 
-def _await_migration(vm: MicroVM, deadline: float, what: str) -> None:
-    assert vm.monitor is not None
-    while True:
-        vm._raise_if_dead(SnapshotError)
-        info = vm.monitor.command("query-migrate")["return"]
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise vm._failure(f"{what} failed: {info.get('error-desc', status)}", SnapshotError)
-        if time.monotonic() > deadline:
-            raise vm._failure(f"{what} did not finish (status {status})", SnapshotError)
-        time.sleep(0.005)
-
-
 def make_template(
     config: VMConfig, image: GuestImage, host: HostReport, key: str, cache: Path | None = None
 ) -> Template:
-    """The template for ``key``, made now unless the cache has it (one maker across
-    processes: others wait on its lock)."""
+    """The template for ``key``, made now unless the cache has a sound one (one maker
+    across processes: the others wait on its lock, then use it)."""
     final = templates_dir(cache) / key
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / "template.json").exists():
-            return Template.load(final)
-        shutil.rmtree(final, ignore_errors=True)  # a half-made or discarded one
-        for stale in final.parent.glob(f".{key}.*"):  # a maker killed halfway
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = final.parent / f".{key}.{os.getpid()}"
-        staging.mkdir()
-        try:
-            started = time.monotonic()
-            vm = TemplateVM(config.with_(image=image), staging / "ram", host=host, name="template")
-            try:
-                vm.start()
-                vm.save(staging / "state")
-            finally:
-                vm.stop(graceful=False)
-            if not (staging / "state").is_file() or (staging / "state").stat().st_size == 0:
-                raise SnapshotError("saving the template wrote no device state")
-            meta = {"key": key, "token": vm.token, "memory_mib": config.memory_mib, "made": time.time()}
-            (staging / "template.json").write_text(json.dumps(meta, indent=2) + "\n")
-            os.rename(staging, final)
-            log.info("made snapshot template %s in %.2fs", key, time.monotonic() - started)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    try:
         return Template.load(final)
+    except TemplateBroken:
+        if final.exists():
+            _discard(final, None)  # damaged (a crash while it was written, a full disk)
+
+    def build(staging: Path) -> None:
+        started = time.monotonic()
+        vm = TemplateVM(config.with_(image=image), staging / "ram", host=host, name="template")
+        try:
+            vm.start()
+            vm.save(staging / "state")
+        finally:
+            vm.stop(graceful=False)
+        meta = {
+            "key": key,
+            "id": secrets.token_hex(8),
+            "token": vm.token,
+            "memory_mib": config.memory_mib,
+            "made": time.time(),
+        }
+        (staging / "template.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for part in ("ram", "state", "template.json"):  # whole on disk before it has its name
+            with open(staging / part, "rb+") as f:
+                os.fsync(f.fileno())
+        Template.load(staging)  # what a user of it would check
+        log.info("made snapshot template %s in %.2fs", key, time.monotonic() - started)
+
+    cached_build(final, build)
+    return Template.load(final)
 
 
 # ---- clones ----------------------------------------------------------------------------
 
 
-def shm_dir() -> Path:
-    return Path(os.environ.get(SHM_ENV) or "/dev/shm")
-
-
-def ram_copy(template: Template) -> int:
-    """An unnamed file on the clone tmpfs holding the template's RAM; returns its descriptor."""
-    dst, src = ram_file(template)
-    try:
-        _copy_extents(src, dst, os.fstat(src).st_size)
-    except BaseException:
-        os.close(dst)
-        raise
-    finally:
-        os.close(src)
-    return dst
-
-
 def ram_file(template: Template) -> tuple[int, int]:
-    """(an unnamed file on the clone tmpfs, sized for the template's RAM but not filled;
-    the template's RAM file, open for reading): see _copy_extents to fill the one from the other.
+    """(a nameless file for a clone's RAM, sized but not filled; the template's RAM file,
+    open for reading): :func:`_copy_extents` fills the one from the other.
 
-    O_TMPFILE: the file never has a name, so nothing is left behind whatever happens to
-    this process; it lives as long as a descriptor or mapping of it (QEMU's, the vsock
-    backend's). Only the template's data extents are copied: the rest are holes, which
-    read as the zeros the guest never wrote.
+    A memfd, like a boot's RAM: it never has a name, so nothing is left behind whatever
+    happens to this process, and it lives as long as a descriptor or mapping of it
+    (QEMU's, the vsock backend's). ``$MICROVM_SHM_DIR`` puts it on that tmpfs instead
+    (O_TMPFILE: nameless too), checked for room first. Only the template's data extents
+    are copied: the rest are holes, which read as the zeros the guest never wrote.
     """
-    where = shm_dir()
-    need = template.memory_mib << 20
-    try:
-        st = os.statvfs(where)
-    except OSError as exc:
-        raise CannotClone(f"cannot use {where} for clone RAM ({exc}): set {SHM_ENV} to a tmpfs") from exc
-    free = st.f_bavail * st.f_frsize
-    if free < need:
-        raise ShmTooSmall(
-            f"{where} has {free >> 20} MiB free, a clone needs {template.memory_mib} MiB "
-            f"(its guest memory): enlarge it (mount -o remount,size=... {where}) or set {SHM_ENV}"
-        )
-    try:
-        dst = os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise CannotClone(
-            f"cannot make an unnamed file (O_TMPFILE) in {where} for clone RAM ({exc}): set {SHM_ENV} to a tmpfs"
-        ) from exc
+    where = os.environ.get(SHM_ENV)
+    dst = _tmpfile(Path(where), template.memory_mib) if where else os.memfd_create("clone-ram", os.MFD_CLOEXEC)
     try:
         src = os.open(template.ram, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
+    except OSError as exc:
         os.close(dst)
-        raise SnapshotError(f"template {template.key} vanished (another process discarded it)") from exc
+        raise SnapshotError(f"cannot read snapshot template {template.key}'s RAM ({exc})") from exc
     try:
         os.ftruncate(dst, os.fstat(src).st_size)
     except BaseException:
@@ -330,6 +366,25 @@ def ram_file(template: Template) -> tuple[int, int]:
         os.close(src)
         raise
     return dst, src
+
+
+def _tmpfile(where: Path, memory_mib: int) -> int:
+    try:
+        st = os.statvfs(where)
+    except OSError as exc:
+        raise CannotClone(f"cannot use {where} for clone RAM ({exc}): fix or unset {SHM_ENV}") from exc
+    free = st.f_bavail * st.f_frsize
+    if free < memory_mib << 20:
+        raise ShmTooSmall(
+            f"{where} has {free >> 20} MiB free, a clone needs {memory_mib} MiB "
+            f"(its guest memory): enlarge it (mount -o remount,size=... {where}) or unset {SHM_ENV}"
+        )
+    try:
+        return os.open(where, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise CannotClone(
+            f"cannot make an unnamed file (O_TMPFILE) in {where} for clone RAM ({exc}): fix or unset {SHM_ENV}"
+        ) from exc
 
 
 def _copy_extents(src: int, dst: int, size: int) -> None:
@@ -355,7 +410,7 @@ def _copy_extents(src: int, dst: int, size: int) -> None:
         pos = end
 
 
-class CloneVM(MicroVM):
+class CloneVM(_SnapshotVM):
     """A VM restored from a :class:`Template` (see the module docstring)."""
 
     def __init__(self, config: VMConfig, template: Template, **kwargs: Any) -> None:
@@ -365,13 +420,42 @@ class CloneVM(MicroVM):
         self.vmgenid = str(uuid.uuid4())
         self.restore_seconds: float | None = None
         self._ram_fd: int | None = None
+        self._state_fd: int | None = None
         self._filling: threading.Thread | None = None
         self._fill_error: BaseException | None = None
         self._vsock_device: tuple[str, dict[str, str]] | None = None
 
+    def start(self) -> CloneVM:
+        try:
+            super().start()
+        except (SnapshotError, ConfigError):
+            raise
+        except (GuestError, ProtocolError) as exc:
+            # Anything else that keeps a clone from coming up (an agent that refused
+            # CLONE, a probe that failed) is the clone's problem: the caller boots instead.
+            detail = exc if isinstance(exc, GuestError) else None
+            raise SnapshotError(
+                f"the clone did not come up: {_first_line(exc)}",
+                console_tail=detail.console_tail if detail else "",
+                qemu_stderr=detail.qemu_stderr if detail else "",
+            ) from exc
+        return self
+
     def _layout(self, vsock_device: tuple[str, dict[str, str]]) -> Layout:
         self._vsock_device = vsock_device
         self._ram_fd, src = ram_file(self.template)
+        try:
+            # The state goes with the RAM it was saved with: both are open before we check
+            # that the template was not remade meanwhile (another process, a broken one).
+            self._state_fd = os.open(self.template.state, os.O_RDONLY | os.O_CLOEXEC)
+            if self.template.current_id() != self.template.id:
+                raise SnapshotError(f"snapshot template {self.template.key} was remade while this clone started")
+        except OSError as exc:
+            os.close(src)
+            raise SnapshotError(f"cannot read snapshot template {self.template.key}'s state ({exc})") from exc
+        except BaseException:
+            os.close(src)
+            raise
         # The RAM is filled while QEMU starts: QEMU maps the file at once but reads none of
         # it before the device state loads (_launched waits for the copy first).
         self._filling = threading.Thread(
@@ -403,7 +487,7 @@ class CloneVM(MicroVM):
             raise self._failure(f"copying the template's RAM failed: {self._fill_error}", SnapshotError)
 
     def _launched(self, deadline: float) -> None:
-        assert self.monitor is not None and self._vsock_device is not None
+        assert self.monitor is not None and self._vsock_device is not None and self._state_fd is not None
         started = time.monotonic()
         until = min(deadline, started + _RESTORE_TIMEOUT)
         try:
@@ -412,22 +496,30 @@ class CloneVM(MicroVM):
             self.monitor.command(
                 "migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}]
             )
-            self.monitor.command("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.template.state))}")
-            try:
-                _await_migration(self, until, "restoring the snapshot")
-            except (SnapshotError, MonitorError) as exc:
-                # The saved state is what failed to load; QEMU exits on a state it cannot
-                # load (its monitor drops): let it finish saying why on stderr.
-                self._wait_exit(time.monotonic() + 2.0)
-                raise self._failure(
-                    f"the template's saved state did not load: {_first_line(exc)}", TemplateBroken
-                ) from exc
+            self.monitor.send_fd("microvm-state", self._state_fd)
+            os.close(self._state_fd)
+            self._state_fd = None
+            self.monitor.command("migrate-incoming", uri="fd:microvm-state")
+            self._await_restore(until)
             driver, props = self._vsock_device
             self.monitor.command("device_add", driver=driver, id=VSOCK_ID, bus=HOTPLUG_PORT, **props)
             self.monitor.command("cont")
         except MonitorError as exc:
             raise self._failure(f"restoring the snapshot failed: {exc}", SnapshotError) from exc
         self.restore_seconds = time.monotonic() - started
+
+    def _await_restore(self, until: float) -> None:
+        try:
+            self._await_migration(until, "restoring the snapshot")
+        except (SnapshotError, MonitorError) as exc:
+            # QEMU exits on a state it cannot load (its monitor drops): let it say why.
+            self._wait_exit(time.monotonic() + 2.0)
+            stderr = self.qemu.stderr() if self.qemu else ""
+            # Only the state's own failure condemns the template, which other processes
+            # share: not a QEMU that was killed, nor a deadline missed under load.
+            broken = isinstance(exc, _MigrationFailed) or "load of migration failed" in stderr
+            kind = TemplateBroken if broken else SnapshotError
+            raise self._failure(f"the template's saved state did not load: {_first_line(exc)}", kind) from exc
 
     def _connect_monitor(self, until: float) -> None:
         assert self.monitor is not None
@@ -469,6 +561,9 @@ class CloneVM(MicroVM):
         finally:
             with contextlib.suppress(MicroVMError):
                 self._await_fill()  # a start that failed before the restore
+            if self._state_fd is not None:
+                os.close(self._state_fd)
+                self._state_fd = None
 
 
 # ---- choosing: a clone when possible ------------------------------------------------------
@@ -548,116 +643,8 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-# ---- the pool ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Slot:
-    config: VMConfig
-    ready: list[MicroVM] = field(default_factory=list)
-    active: bool = True  # made ahead; False after a failure, until the next take()
-    making: bool = False  # the pool's thread is making one now
-
-
-class ClonePool:
-    """Clones made ahead, so the next test's VM is ready when it asks.
-
-    One long-lived thread makes them: QEMU and the backend die with the *thread* that
-    spawned them (PR_SET_PDEATHSIG), so they must not come from short-lived threads. The
-    thread lives until :meth:`close`, which stops every VM it still holds; a VM handed
-    out is its taker's to stop, and must be stopped before close (the plugin's fixtures
-    are). Only configurations asked for through :meth:`take` are made ahead, ``size`` each.
-    """
-
-    def __init__(self, templates: Templates, size: int = 1) -> None:
-        self.templates = templates
-        self.size = size
-        self._cond = threading.Condition()
-        # Per configuration asked for (VMConfig holds dicts: compared, not hashed).
-        self._slots: list[_Slot] = []
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self._host: HostReport | None = None  # detected once: it runs `qemu --version`
-
-    def take(
-        self,
-        config: VMConfig,
-        *,
-        name: str = "vm",
-        qemu_args_hook: QemuArgsHook | None = None,
-    ) -> MicroVM:
-        """A started VM for ``config``: one made ahead if there is one (or being made: it
-        is nearly ready, and making a second at once would slow both), else made now."""
-        host = self._host = self._host or detect_host()
-        if self.size < 1 or why_not(config, host, hooked=qemu_args_hook is not None) is not None:
-            return self.templates.start(config, host=host, name=name, qemu_args_hook=qemu_args_hook)
-        config = config.with_(image=storage.image_for(config))
-        with self._cond:
-            slot = self._slot(config)
-            vm = slot.ready.pop(0) if slot.ready else None
-            slot.active = True  # after a failure too: the next make may work
-            self._cond.notify_all()
-            if self._thread is None and not self._closed:
-                self._thread = threading.Thread(target=self._fill, name="microvm-clone-pool", daemon=True)
-                self._thread.start()
-        if vm is not None and vm.runstate is Runstate.RUNNING:
-            vm.rename(name)
-            return vm
-        if vm is not None:
-            vm.stop(graceful=False)
-        return self.templates.start(config, host=host, name=name)
-
-    def _slot(self, config: VMConfig) -> _Slot:
-        for slot in self._slots:
-            if slot.config == config:
-                return slot
-        self._slots.append(_Slot(config))
-        return self._slots[-1]
-
-    def _fill(self) -> None:
-        while True:
-            with self._cond:
-                todo = None
-                while todo is None:
-                    if self._closed:
-                        return
-                    todo = next((s for s in self._slots if s.active and len(s.ready) < self.size), None)
-                    if todo is None:
-                        self._cond.wait()
-                todo.making = True
-            try:
-                vm = self.templates.start(todo.config, host=self._host, name="pooled")
-            except Exception as exc:  # the taker makes its own VM and sees the error itself
-                log.warning("making a clone ahead failed: %s", _first_line(exc))
-                with self._cond:
-                    todo.active = todo.making = False  # no retry loop: the next take() asks again
-                    self._cond.notify_all()
-                continue
-            with self._cond:
-                todo.making = False
-                self._cond.notify_all()
-                if self._closed:
-                    vm.stop(graceful=False)
-                    return
-                todo.ready.append(vm)
-
-    def close(self) -> None:
-        """Stop the clones not handed out and the thread; nothing of the pool is left."""
-        with self._cond:
-            self._closed = True
-            vms = [vm for slot in self._slots for vm in slot.ready]
-            self._slots.clear()
-            self._cond.notify_all()
-            thread = self._thread
-        for vm in vms:
-            vm.stop(graceful=False)
-        if thread is not None:
-            thread.join(timeout=60)
-
-
 __all__ = [
     "CannotClone",
-    "ClonePool",
     "CloneVM",
     "ShmTooSmall",
     "SnapshotError",

@@ -19,8 +19,8 @@ import pytest
 
 from pytest_microvm import GuestImage, MicroVM, VMConfig
 from pytest_microvm.machine import HostReport
+from pytest_microvm.machine.pool import ClonePool
 from pytest_microvm.machine.snapshot import (
-    ClonePool,
     CloneVM,
     Templates,
     template_key,
