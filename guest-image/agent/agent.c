@@ -714,7 +714,8 @@ static const char *become_clone(struct cursor *c)
 	int ok = cfg.pid1 && clock_settime(CLOCK_REALTIME, &ts) == 0;
 	if (ok) {
 		step = "reseeding the RNG";
-		struct { struct rand_pool_info info; unsigned char buf[MAX_ENTROPY]; } pool;
+		/* rand_pool_info ends in a flexible array: room for it in a union (ISO C). */
+		union { struct rand_pool_info info; unsigned char raw[sizeof(struct rand_pool_info) + MAX_ENTROPY]; } pool;
 		pool.info.entropy_count = (int)(8 * n);
 		pool.info.buf_size = (int)n;
 		memcpy(pool.info.buf, entropy, n);

@@ -9,6 +9,8 @@
 - :mod:`.storage`: the guest's root disk or host root, and host directory shares (9p).
 - :mod:`.ssh`: paramiko clients to the guest's dropbear.
 - :mod:`.vm`: MicroVM, the lifecycle that ties them together.
+- :mod:`.snapshot`: templates and clones of them (a fresh VM without a boot).
+- :mod:`.pool`: clones made ahead in the background.
 """
 
 from pytest_microvm.machine.config import Share, VMConfig
