@@ -194,7 +194,7 @@ class Template:
         """The template in ``directory``; TemplateBroken if any part is missing or wrong."""
         try:
             meta = json.loads((directory / "template.json").read_text())
-            template = cls(directory, meta["key"], meta["id"], meta["token"], int(meta["memory_mib"]))
+            template = cls(directory, str(meta["key"]), str(meta["id"]), str(meta["token"]), int(meta["memory_mib"]))
             ram_size, state_size = template.ram.stat().st_size, template.state.stat().st_size
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TemplateBroken(f"snapshot template {directory.name} is incomplete: {exc}") from exc
@@ -310,8 +310,15 @@ def make_template(
     try:
         return Template.load(final)
     except TemplateBroken:
-        if final.exists():
-            _discard(final, None)  # damaged (a crash while it was written, a full disk)
+        pass
+    if final.exists():
+        # Damaged (a crash while it was written, a full disk)? Judged again under the lock:
+        # another process may have just remade it.
+        with FileLock(str(final) + ".lock"):
+            try:
+                return Template.load(final)
+            except TemplateBroken:
+                shutil.rmtree(final, ignore_errors=True)
 
     def build(staging: Path) -> None:
         started = time.monotonic()
@@ -353,7 +360,10 @@ def ram_file(template: Template) -> tuple[int, int]:
     are copied: the rest are holes, which read as the zeros the guest never wrote.
     """
     where = os.environ.get(SHM_ENV)
-    dst = _tmpfile(Path(where), template.memory_mib) if where else os.memfd_create("clone-ram", os.MFD_CLOEXEC)
+    try:
+        dst = _tmpfile(Path(where), template.memory_mib) if where else os.memfd_create("clone-ram", os.MFD_CLOEXEC)
+    except OSError as exc:
+        raise SnapshotError(f"cannot make a file for clone RAM ({exc})") from exc
     try:
         src = os.open(template.ram, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -361,9 +371,11 @@ def ram_file(template: Template) -> tuple[int, int]:
         raise SnapshotError(f"cannot read snapshot template {template.key}'s RAM ({exc})") from exc
     try:
         os.ftruncate(dst, os.fstat(src).st_size)
-    except BaseException:
+    except BaseException as exc:
         os.close(dst)
         os.close(src)
+        if isinstance(exc, OSError):
+            raise SnapshotError(f"cannot size the file for clone RAM ({exc})") from exc
         raise
     return dst, src
 
