@@ -60,7 +60,7 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("rootfs", "rootfs", None, "the guest's root instead: a directory, a tar, or host (the host's / over 9p)"),
     ("shares", "list", None, "host directories in the guest over 9p, comma-separated HOST:GUEST[:ro]"),
     ("snapshot", "str", "auto", "auto | off: fresh VMs are clones of a snapshot template where possible (off: boots)"),
-    ("pool", "int", "1", "clones made ahead per configuration, in the background (0: none)"),
+    ("pool", "int", "1", "clones made ahead in the background, of the configuration used last (0: none)"),
 ]
 
 
@@ -322,7 +322,7 @@ def _shared_vm(request: pytest.FixtureRequest, image: GuestImage, name: str) -> 
     try:
         yield vm
     finally:
-        vm.stop()
+        vm.stop(keep=False)  # no single failed test owns it: never left running
 
 
 @pytest.fixture(scope="module")
