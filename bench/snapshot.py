@@ -162,15 +162,17 @@ def clone_cost(image: GuestImage) -> list[str]:
 
 
 def _guest_ram_bytes(pid: int) -> int:
-    """Allocated bytes of the file behind guest RAM (tmpfs: what it costs in memory)."""
+    """Allocated bytes of the file behind guest RAM (a memfd, or a tmpfs file): what the
+    guest's memory costs the host. The largest such file QEMU holds is the RAM."""
+    sizes = [0]
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
             target = os.readlink(fd)
+            if target.startswith(("/memfd:", "/dev/shm/")):
+                sizes.append(os.stat(fd).st_blocks * 512)
         except OSError:
             continue
-        if target.startswith(("/dev/shm/", "/memfd:mem")) or ("(deleted)" in target and "#" in target):
-            return os.stat(fd).st_blocks * 512
-    return 0
+    return max(sizes)
 
 
 def main() -> int:
