@@ -558,9 +558,10 @@ class CloneVM(_SnapshotVM):
         except SnapshotError:
             raise
         except BootError as exc:
-            raise SnapshotError(
-                f"{_first_line(exc)} after the restore", console_tail=exc.console_tail, qemu_stderr=exc.qemu_stderr
-            ) from exc
+            what = _first_line(exc)
+            if "did not connect within" in what:  # our limit, not the boot timeout it names
+                what = f"{self.name}: the agent did not connect within {_RESTORE_TIMEOUT:.0f}s of the restore"
+            raise SnapshotError(what, console_tail=exc.console_tail, qemu_stderr=exc.qemu_stderr) from exc
 
     def _connected(self, client: AgentClient) -> None:
         token = secrets.token_hex(16)
