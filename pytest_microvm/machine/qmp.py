@@ -35,6 +35,7 @@ class Monitor:
         self.path = path
         self._qmp: QEMUMonitorProtocol | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # ours to close, if we made one
+        self._interrupted = False  # a KeyboardInterrupt (or SystemExit) left a call midway
 
     def qemu_args(self) -> list[str]:
         return ["-chardev", f"socket,id=qmp,path={self.path},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
@@ -71,6 +72,9 @@ class Monitor:
             reply = self._qmp.cmd_obj({"execute": name, "arguments": args})
         except Exception as exc:
             raise MonitorError(f"QMP {name} failed: {exc}") from exc
+        except BaseException:
+            self._interrupted = True
+            raise
         if "error" in reply:
             raise MonitorError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
         return reply
@@ -83,6 +87,9 @@ class Monitor:
             self._qmp.send_fd_scm(fd)
         except Exception as exc:
             raise MonitorError(f"passing a descriptor to QEMU failed: {exc}") from exc
+        except BaseException:
+            self._interrupted = True
+            raise
         self.command("getfd", fdname=name)
 
     def status(self) -> str:
@@ -99,10 +106,12 @@ class Monitor:
         self.command("quit")
 
     def close(self) -> None:
-        if self._qmp is not None:
+        # After a Ctrl-C inside one of qemu.qmp's calls its session is in an unknown state,
+        # and its orderly disconnect can wait forever: drop it; QEMU is being stopped anyway.
+        if self._qmp is not None and not self._interrupted:
             with contextlib.suppress(Exception):  # closing a monitor whose QEMU is gone is not an error
                 self._qmp.close()
-            self._qmp = None
+        self._qmp = None
         self._close_loop()
         self.path.unlink(missing_ok=True)
 

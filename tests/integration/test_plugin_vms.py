@@ -110,7 +110,8 @@ def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, sha
     pytester.makepyfile(test_slow="def test_boot(microvm):\n    microvm.run(['sleep', '60'])\n")
     # Short, so the VM's sockets live in it too and every process of the VM names it.
     workroot = Path(tempfile.mkdtemp(prefix="sigint-", dir="/tmp"))
-    env = {**os.environ, "TMPDIR": str(workroot)}  # every VM directory (and so QEMU's argv) lands here
+    # Every VM directory (and so QEMU's argv) lands in TMPDIR; faulthandler lets a hang say where.
+    env = {**os.environ, "TMPDIR": str(workroot), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(pytester.path)],
         cwd=pytester.path,
@@ -133,7 +134,11 @@ def _interrupt_during_boot(proc: subprocess.Popen[bytes], workroot: Path) -> Non
                 pytest.fail(f"QEMU never started; pytest said:\n{proc.communicate()[0].decode()[-3000:]}")
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)  # Ctrl-C while the guest boots
-        out, _ = proc.communicate(timeout=60)
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+            pytest.fail(f"pytest did not exit within 60s of Ctrl-C:\n{proc.communicate()[0].decode()[-8000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
