@@ -212,6 +212,13 @@ class Template:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def touch(self) -> None:
+        """Record a use (template.json's mtime, at most once a day) for forget_unused."""
+        meta = self.directory / "template.json"
+        with contextlib.suppress(OSError):
+            if time.time() - meta.stat().st_mtime > 86400:
+                os.utime(meta)
+
     def discard(self) -> None:
         """Remove it from the cache; the next use makes a new one. Only this making of it:
         another process may already have remade it (then that one stays)."""
@@ -342,8 +349,31 @@ def make_template(
         Template.load(staging)  # what a user of it would check
         log.info("made snapshot template %s in %.2fs", key, time.monotonic() - started)
 
-    cached_build(final, build)
+    if cached_build(final, build):
+        forget_unused(final.parent)
     return Template.load(final)
+
+
+UNUSED_DAYS = 14  # a template no clone came from for this long is removed when another is made
+
+
+def forget_unused(directory: Path, days: float = UNUSED_DAYS) -> list[str]:
+    """Remove the templates in ``directory`` unused for ``days`` (keys change with every
+    QEMU upgrade and image rebuild, and each template holds its guest's touched RAM).
+    Returns the keys removed. Use is recorded by :meth:`Template.touch`."""
+    cutoff = time.time() - days * 86400
+    gone = []
+    for meta in directory.glob("*/template.json"):
+        try:
+            unused = meta.stat().st_mtime < cutoff
+        except OSError:
+            continue
+        if unused:
+            _discard(meta.parent, None)
+            gone.append(meta.parent.name)
+    if gone:
+        log.info("removed %d snapshot template(s) unused for %g days: %s", len(gone), days, ", ".join(gone))
+    return gone
 
 
 # ---- clones ----------------------------------------------------------------------------
@@ -628,7 +658,9 @@ class Templates:
                 self._give_up(key, f"the snapshot template could not be made: {_first_line(exc)}")
                 break
             try:
-                return CloneVM(config, template, host=host, name=name).start()
+                clone = CloneVM(config, template, host=host, name=name).start()
+                template.touch()
+                return clone
             except CannotClone as exc:
                 self._give_up(key, str(exc))
             except SnapshotError as exc:

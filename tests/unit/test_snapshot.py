@@ -18,6 +18,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -537,6 +538,35 @@ def test_make_template_that_fails_leaves_nothing_and_stops_the_vm(
     assert _make(tmp_path).current_id() is not None and len(template_vms.made) == 2
 
 
+def test_making_a_template_removes_those_unused_for_two_weeks(
+    tmp_path: Path, template_vms: type[FakeTemplateVM]
+) -> None:
+    old = make_template(VMConfig(), guest_image(tmp_path), host_report(), "oldkey", tmp_path)
+    recent = make_template(VMConfig(), guest_image(tmp_path), host_report(), "recentkey", tmp_path)
+    weeks_ago = time.time() - 15 * 86400
+    os.utime(old.directory / "template.json", (weeks_ago, weeks_ago))
+    make_template(VMConfig(), guest_image(tmp_path), host_report(), "newkey", tmp_path)
+    assert not old.directory.exists()  # unused for 15 days: gone
+    assert recent.directory.exists() and (snapshot.templates_dir(tmp_path) / "newkey").exists()
+    # Finding a template in the cache sweeps nothing: only making one does.
+    os.utime(recent.directory / "template.json", (weeks_ago, weeks_ago))
+    make_template(VMConfig(), guest_image(tmp_path), host_report(), "newkey", tmp_path)
+    assert recent.directory.exists()
+
+
+def test_a_use_is_recorded_at_most_once_a_day(tmp_path: Path, template_vms: type[FakeTemplateVM]) -> None:
+    template = make_template(VMConfig(), guest_image(tmp_path), host_report(), "k", tmp_path)
+    meta = template.directory / "template.json"
+    hour_ago, days_ago = time.time() - 3600, time.time() - 3 * 86400
+    os.utime(meta, (hour_ago, hour_ago))
+    template.touch()
+    assert meta.stat().st_mtime == pytest.approx(hour_ago)  # used today already: no write
+    os.utime(meta, (days_ago, days_ago))
+    template.touch()
+    assert meta.stat().st_mtime > time.time() - 60
+    assert snapshot.forget_unused(template.directory.parent, days=1) == []
+
+
 def test_make_template_refuses_what_it_made_wrong(tmp_path: Path, template_vms: type[FakeTemplateVM]) -> None:
     template_vms.ram_mib_off = -1  # a RAM file that does not match the memory size
     with pytest.raises(TemplateBroken, match="damaged"):
@@ -777,6 +807,9 @@ class FakeTemplate:
 
     def discard(self) -> None:
         self.discarded += 1
+
+    def touch(self) -> None:
+        self.touched = getattr(self, "touched", 0) + 1
 
 
 class FakeVM:
