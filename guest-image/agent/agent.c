@@ -994,14 +994,8 @@ static int try_connect(void)
 	} else {
 		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cfg.cid, .svm_port = cfg.port };
 		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd >= 0) {
+		if (fd >= 0)
 			vsock_buffer(fd);
-			/* A request the device never answers (it was unplugged for a snapshot
-			 * while the request was in flight) would hold connect() for the default
-			 * 2 s; the host's backend answers in microseconds. */
-			struct timeval tv = { 0, 250000 };
-			setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof tv);
-		}
 		if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
 			return fd;
 	}

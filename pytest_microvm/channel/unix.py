@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pytest_microvm.client import AgentClient
-from pytest_microvm.errors import CommandTimeout
+from pytest_microvm.errors import CommandTimeout, MicroVMError
 
 
 class UnixListener:
@@ -52,7 +52,18 @@ class UnixListener:
 
 
 def connect_agent(listener: UnixListener, *, token: str, timeout: float, name: str = "agent") -> AgentClient:
-    """Accept the agent's connection and complete the handshake within ``timeout`` seconds."""
+    """Accept the agent's connection and complete the handshake within ``timeout`` seconds.
+
+    A connection that says nothing for 5 s, or the wrong thing, is dropped and the next one
+    taken: the agent retries at once, and a connection its guest gave up on stays silent.
+    """
     deadline = time.monotonic() + timeout
-    sock = listener.accept(timeout)
-    return AgentClient.handshake(sock, token=token, timeout=max(0.1, deadline - time.monotonic()), name=name)
+    while True:
+        sock = listener.accept(max(0.1, deadline - time.monotonic()))
+        try:
+            return AgentClient.handshake(
+                sock, token=token, timeout=min(5.0, max(0.1, deadline - time.monotonic())), name=name
+            )
+        except MicroVMError:
+            if time.monotonic() >= deadline:
+                raise

@@ -66,9 +66,11 @@ VMGENID_ID = "microvm-vmgenid"
 SHM_ENV = "MICROVM_SHM_DIR"  # a tmpfs for clones' RAM instead of a memfd (checked for room)
 _RESTORE_TIMEOUT = 30.0  # a restore is a fraction of a second; this bounds a stuck one
 # After the template's vsock device is gone, before the guest is stopped: longer than the
-# agent's connect timeout (250 ms), so a connect request lost with the device times out
-# here, once, and not in every clone.
-_SETTLE = 0.3
+# kernel's vsock connect timeout (2 s), so a connect request lost with the device times
+# out here, once per template, and not in every clone (where it held the agent for 2 s).
+# A shorter connect timeout in the agent instead left half-open connections on the host
+# when a loaded host answered late.
+_SETTLE = 2.5
 
 
 class SnapshotError(BootError):

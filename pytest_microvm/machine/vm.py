@@ -69,6 +69,10 @@ class Runstate(enum.Enum):
 
 
 _GUEST_CID = 3  # with the userspace backend every VM has its own CID space
+# How long one accepted connection may take to say HELLO before we accept the next: the
+# agent says it at once, and a connection the guest gave up on (a connect that timed out
+# there while the backend had already reached us) would otherwise hold the boot.
+HELLO_WAIT = 5.0
 NETWORK_FORWARDS = (22,)  # guest TCP ports reachable from 127.0.0.1 with config.network
 _warned_tcg = False
 
@@ -278,7 +282,10 @@ class MicroVM:
                 continue
             try:
                 return AgentClient.handshake(
-                    sock, token=self.token, timeout=max(0.5, deadline - time.monotonic()), name=self.name
+                    sock,
+                    token=self.token,
+                    timeout=min(HELLO_WAIT, max(0.5, deadline - time.monotonic())),
+                    name=self.name,
                 )
             except MicroVMError as exc:
                 # A peer with the wrong token is not our guest: keep waiting for ours.
