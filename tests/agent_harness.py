@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pytest_microvm import _proc
+from pytest_microvm import protocol as p
 from pytest_microvm.channel import UnixListener, connect_agent
 from pytest_microvm.client import AgentClient
 
@@ -66,6 +67,34 @@ def host_agent(binary: Path, workdir: Path, token: str | None = None) -> Iterato
         yield agent
     finally:
         agent.close()
+
+
+def handshake_raw(agent: HostAgent) -> socket.socket:
+    """Accept the agent's next connection and answer its HELLO, checking its token: a raw
+    socket for tests that speak frames themselves."""
+    sock = agent.raw()
+    sock.settimeout(5)
+    dec = p.FrameDecoder()
+    frames: list[p.Frame] = []
+    while not frames:
+        frames = dec.feed(sock.recv(4096))
+    assert frames[0].type is p.FrameType.HELLO
+    assert p.parse_hello(frames[0].payload).token == agent.token
+    sock.sendall(p.encode_hello_ack())
+    return sock
+
+
+def drain(sock: socket.socket, timeout: float = 5.0) -> list[p.Frame]:
+    """Everything the agent sends until it closes the connection (a timeout fails the test);
+    the decoder checks each frame is well-formed."""
+    sock.settimeout(timeout)
+    dec = p.FrameDecoder()
+    frames: list[p.Frame] = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return frames
+        frames += dec.feed(data)
 
 
 def children_of(pid: int) -> list[int]:

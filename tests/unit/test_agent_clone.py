@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import protocol as p
-from tests.agent_harness import HostAgent
+from tests.agent_harness import HostAgent, drain, handshake_raw
 
 # ---- the host's encoder ------------------------------------------------------------------
 
@@ -56,32 +55,6 @@ def test_encode_clone_refuses_what_the_agent_would_call_malformed(token: str, en
 
 
 # ---- the real agent on the host -----------------------------------------------------------
-
-
-def handshake_raw(agent: HostAgent) -> socket.socket:
-    """Accept the agent's next connection and answer its HELLO, checking its token."""
-    sock = agent.raw()
-    sock.settimeout(5)
-    dec = p.FrameDecoder()
-    frames: list[p.Frame] = []
-    while not frames:
-        frames = dec.feed(sock.recv(4096))
-    assert frames[0].type is p.FrameType.HELLO
-    assert p.parse_hello(frames[0].payload).token == agent.token
-    sock.sendall(p.encode_hello_ack())
-    return sock
-
-
-def drain(sock: socket.socket, timeout: float = 5.0) -> list[p.Frame]:
-    """Everything the agent sends until it closes the connection (a timeout fails the test)."""
-    sock.settimeout(timeout)
-    dec = p.FrameDecoder()
-    frames: list[p.Frame] = []
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return frames
-        frames += dec.feed(data)
 
 
 def connection_errors(frames: list[p.Frame]) -> list[p.ErrorInfo]:

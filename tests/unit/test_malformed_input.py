@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pytest_microvm import AgentError, ConnectionLost, HandshakeError, ProtocolError
 from pytest_microvm import protocol as p
 from pytest_microvm.client import AgentClient
-from tests.agent_harness import HostAgent, host_agent, rss_kib
+from tests.agent_harness import HostAgent, drain, handshake_raw, host_agent, rss_kib
 
 # ---- the client against a fake agent -------------------------------------------------
 
@@ -142,30 +142,6 @@ def test_client_survives_arbitrary_bytes_from_the_agent(chunks: list[bytes], str
 
 
 # ---- the real agent against a fuzzing host -------------------------------------------
-
-
-def handshake_raw(agent: HostAgent) -> socket.socket:
-    sock = agent.raw()
-    dec = p.FrameDecoder()
-    frames: list[p.Frame] = []
-    while not frames:
-        frames = dec.feed(sock.recv(4096))
-    assert frames[0].type is p.FrameType.HELLO
-    assert p.parse_hello(frames[0].payload).token == agent.token
-    sock.sendall(p.encode_hello_ack())
-    return sock
-
-
-def drain(sock: socket.socket, timeout: float = 5.0) -> list[p.Frame]:
-    """Everything the agent sends until it closes; checks it is well-formed."""
-    sock.settimeout(timeout)
-    dec = p.FrameDecoder()
-    frames = []
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            return frames
-        frames += dec.feed(data)
 
 
 @pytest.mark.parametrize(

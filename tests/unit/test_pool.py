@@ -8,7 +8,6 @@ VM being made, and ends the thread.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,36 +18,14 @@ import pytest
 
 from pytest_microvm import VMConfig
 from pytest_microvm.errors import MicroVMError
-from pytest_microvm.image import GuestImage
-from pytest_microvm.machine.host import Capability, HostReport
+from pytest_microvm.machine.host import HostReport
 from pytest_microvm.machine.pool import ClonePool
 from pytest_microvm.machine.snapshot import SnapshotError, Templates
 from pytest_microvm.machine.vm import Runstate
+from tests.snapshot_fakes import guest_image, host_report
 
 POOL_LOGGER = "pytest_microvm.machine.pool"
 WAIT = 5.0  # seconds: every wait on the pool's thread is bounded by this
-
-
-def host_report() -> HostReport:
-    """A host that allows cloning: userspace vsock, a QEMU path that exists."""
-    no = Capability(False, "missing")
-    return HostReport(kvm=no, vhost_vsock=no, qemu=sys.executable, qemu_version="7.2.0")
-
-
-def guest_image(root: Path) -> GuestImage:
-    directory = root / "image"
-    directory.mkdir(exist_ok=True)
-    return GuestImage(
-        directory=directory,
-        kernel=directory / "vmlinux",
-        initramfs=directory / "initramfs.cpio",
-        pvh=True,
-        kernel_release="6.1.0-test",
-        agent_version="test",
-        modules=(),
-        key="imagekey0123",
-        module_groups=("9p", "blk", "overlay"),
-    )
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:

@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from pytest_microvm.errors import BootError, ConfigError, GuestError, MicroVMErr
 from pytest_microvm.image import GuestImage
 from pytest_microvm.machine import snapshot
 from pytest_microvm.machine.config import Share
-from pytest_microvm.machine.host import Capability, HostReport
+from pytest_microvm.machine.host import HostReport
 from pytest_microvm.machine.snapshot import (
     SHM_ENV,
     CannotClone,
@@ -48,34 +47,9 @@ from pytest_microvm.machine.snapshot import (
     why_not,
 )
 from pytest_microvm.machine.vm import MicroVM
+from tests.snapshot_fakes import guest_image, host_report
 
-YES, NO = Capability(True, "usable"), Capability(False, "missing")
 MIB = 1 << 20
-
-
-def host_report(*, kvm: bool = False, vhost_vsock: bool = False, qemu: str | None = sys.executable) -> HostReport:
-    """A host that allows cloning by default: userspace vsock (no vhost-vsock), a QEMU
-    path that exists (the key stats it)."""
-    return HostReport(kvm=YES if kvm else NO, vhost_vsock=YES if vhost_vsock else NO, qemu=qemu, qemu_version="7.2.0")
-
-
-def guest_image(root: Path) -> GuestImage:
-    """An image of small files (the key stats them; nothing boots them)."""
-    directory = root / "image"
-    directory.mkdir(exist_ok=True)
-    (directory / "vmlinux").write_bytes(b"kernel" * 100)
-    (directory / "initramfs.cpio").write_bytes(b"initramfs" * 100)
-    return GuestImage(
-        directory=directory,
-        kernel=directory / "vmlinux",
-        initramfs=directory / "initramfs.cpio",
-        pvh=True,
-        kernel_release="6.1.0-test",
-        agent_version="test",
-        modules=(),
-        key="imagekey0123",
-        module_groups=("9p", "blk", "overlay"),
-    )
 
 
 @pytest.fixture(autouse=True)
@@ -261,13 +235,8 @@ def _sparse_file(path: Path, size: int, chunks: dict[int, bytes]) -> bytes:
     return bytes(content)
 
 
-def test_copy_extents_copies_the_data_and_keeps_the_holes(tmp_path: Path) -> None:
-    size = 8 * MIB
-    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
-    content = _sparse_file(
-        src_path, size, {0: os.urandom(4096), 3 * MIB: os.urandom(64 * 1024), size - 4096: os.urandom(4096)}
-    )
-    assert _allocated(src_path) < MIB, "tmp_path's file system does not keep holes"
+def _copy_file(src_path: Path, dst_path: Path, size: int) -> None:
+    """_copy_extents from one path to a new one."""
     src = os.open(src_path, os.O_RDONLY)
     dst = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -275,6 +244,16 @@ def test_copy_extents_copies_the_data_and_keeps_the_holes(tmp_path: Path) -> Non
     finally:
         os.close(src)
         os.close(dst)
+
+
+def test_copy_extents_copies_the_data_and_keeps_the_holes(tmp_path: Path) -> None:
+    size = 8 * MIB
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    content = _sparse_file(
+        src_path, size, {0: os.urandom(4096), 3 * MIB: os.urandom(64 * 1024), size - 4096: os.urandom(4096)}
+    )
+    assert _allocated(src_path) < MIB, "tmp_path's file system does not keep holes"
+    _copy_file(src_path, dst_path, size)
     assert dst_path.stat().st_size == size
     assert dst_path.read_bytes() == content
     assert _allocated(dst_path) < MIB  # 72 KiB of data: the 8 MiB are not all written
@@ -284,13 +263,7 @@ def test_copy_extents_of_a_file_without_data_is_all_zeros(tmp_path: Path) -> Non
     size = 8 * MIB
     src_path, dst_path = tmp_path / "src", tmp_path / "dst"
     _sparse_file(src_path, size, {})
-    src = os.open(src_path, os.O_RDONLY)
-    dst = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        _copy_extents(src, dst, size)
-    finally:
-        os.close(src)
-        os.close(dst)
+    _copy_file(src_path, dst_path, size)
     assert dst_path.stat().st_size == size
     assert dst_path.read_bytes() == bytes(size)
     assert _allocated(dst_path) < MIB
