@@ -153,6 +153,19 @@ def vng_once(vng_argv: list[str]) -> PeerRun:
     return judge(t, proc.returncode, proc.stdout + proc.stderr, marker)
 
 
+def vng_measure(vng_argv: list[str], label: str, theirs: list[float], failed: list[PeerRun]) -> str:
+    """One virtme-ng run, retried once if it did not run: its time goes to ``theirs``, failed
+    tries to ``failed`` (and are said at once); returns the text for the progress line."""
+    seconds, failures = with_one_retry(functools.partial(vng_once, vng_argv))
+    failed += failures
+    for run in failures:
+        say(f"{label}: virtme-ng did not run the command ({run.why})")
+    if seconds is None:
+        return ", vng failed twice"
+    theirs.append(seconds)
+    return f", vng {seconds:.2f}s"
+
+
 def fresh_vm_command(image: GuestImage, kernel: str, runs: int, install: bool) -> tuple[list[str], list[str]]:
     """(the table's row, the notes to print under the table)."""
     ours_argv = [sys.executable, "-m", "pytest_microvm.cli", "run", "--kernel", kernel, "--", "true"]
@@ -166,13 +179,7 @@ def fresh_vm_command(image: GuestImage, kernel: str, runs: int, install: bool) -
         ours.append(t)
         line = f"fresh VM {i + 1}/{runs}: microvm run {ours[-1]:.2f}s"
         if vng_argv is not None:
-            seconds, failures = with_one_retry(functools.partial(vng_once, vng_argv))
-            failed += failures
-            for run in failures:
-                say(f"fresh VM {i + 1}/{runs}: virtme-ng did not run the command ({run.why})")
-            if seconds is not None:
-                theirs.append(seconds)
-            line += f", vng {seconds:.2f}s" if seconds is not None else ", vng failed twice"
+            line += vng_measure(vng_argv, f"fresh VM {i + 1}/{runs}", theirs, failed)
         say(line)
     notes = []
     if vng_argv is not None:

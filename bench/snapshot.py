@@ -19,7 +19,6 @@ The template is made (or found in the cache) before anything is timed.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import signal
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import PeerRun, say, timed, vng_once, vng_setup, with_one_retry
+from peers import PeerRun, say, timed, vng_measure, vng_setup
 
 from pytest_microvm import GuestImage, MicroVM, VMConfig, build_image
 from pytest_microvm.machine import choose, detect_host
@@ -82,11 +81,7 @@ def fresh_vm_command(image: GuestImage, kernel: str, runs: int) -> tuple[list[st
         booted.append(t)
         line = f"fresh VM {i + 1}/{runs}: microvm run {ours[-1]:.2f}s, --snapshot off {booted[-1]:.2f}s"
         if vng_argv is not None:
-            seconds, failures = with_one_retry(functools.partial(vng_once, vng_argv))
-            failed += failures
-            if seconds is not None:
-                theirs.append(seconds)
-            line += f", vng {seconds:.2f}s" if seconds is not None else ", vng failed twice"
+            line += vng_measure(vng_argv, f"fresh VM {i + 1}/{runs}", theirs, failed)
         say(line)
     mo, mb = statistics.median(ours), statistics.median(booted)
     rows = [f"`microvm run -- true` (s)     {mo:9.2f} {mb:11.2f} {mo / mb:8.3f}x   vs --snapshot off (a boot)"]
