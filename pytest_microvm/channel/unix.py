@@ -51,18 +51,24 @@ class UnixListener:
         self.close()
 
 
+# How long one accepted connection may take to say HELLO before the next is taken: the
+# agent says it at once, and a connection its guest gave up on (a connect that timed out
+# there while the backend had already reached us) stays silent and would hold the wait.
+HELLO_WAIT = 5.0
+
+
 def connect_agent(listener: UnixListener, *, token: str, timeout: float, name: str = "agent") -> AgentClient:
     """Accept the agent's connection and complete the handshake within ``timeout`` seconds.
 
-    A connection that says nothing for 5 s, or the wrong thing, is dropped and the next one
-    taken: the agent retries at once, and a connection its guest gave up on stays silent.
+    A connection that says nothing for HELLO_WAIT, or the wrong thing, is dropped and the
+    next one taken: the agent retries at once.
     """
     deadline = time.monotonic() + timeout
     while True:
         sock = listener.accept(max(0.1, deadline - time.monotonic()))
         try:
             return AgentClient.handshake(
-                sock, token=token, timeout=min(5.0, max(0.1, deadline - time.monotonic())), name=name
+                sock, token=token, timeout=min(HELLO_WAIT, max(0.1, deadline - time.monotonic())), name=name
             )
         except MicroVMError:
             if time.monotonic() >= deadline:

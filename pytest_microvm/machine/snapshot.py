@@ -581,19 +581,18 @@ class CloneVM(_SnapshotVM):
             time.sleep(0.002)
         self.monitor.connect()
 
-    def _await_agent(self, deadline: float) -> AgentClient:
+    def _await_agent(self, deadline: float, *, limit: float | None = None) -> AgentClient:
         # A restored agent connects within a second of the hot-plug; one that has not after
         # _RESTORE_TIMEOUT never will (a kernel that missed the hot-plug): fail as a
         # snapshot problem, which the caller answers with a boot, not a boot-timeout wait.
         try:
-            return super()._await_agent(min(deadline, time.monotonic() + _RESTORE_TIMEOUT))
+            return super()._await_agent(min(deadline, time.monotonic() + _RESTORE_TIMEOUT), limit=_RESTORE_TIMEOUT)
         except SnapshotError:
             raise
         except BootError as exc:
-            what = _first_line(exc)
-            if "did not connect within" in what:  # our limit, not the boot timeout it names
-                what = f"{self.name}: the agent did not connect within {_RESTORE_TIMEOUT:.0f}s of the restore"
-            raise SnapshotError(what, console_tail=exc.console_tail, qemu_stderr=exc.qemu_stderr) from exc
+            raise SnapshotError(
+                f"{_first_line(exc)} after the restore", console_tail=exc.console_tail, qemu_stderr=exc.qemu_stderr
+            ) from exc
 
     def _connected(self, client: AgentClient) -> None:
         token = secrets.token_hex(16)

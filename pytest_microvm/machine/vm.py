@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
 from pytest_microvm.channel.kernel import KernelVsockListener
-from pytest_microvm.channel.unix import UnixListener
+from pytest_microvm.channel.unix import HELLO_WAIT, UnixListener
 from pytest_microvm.channel.userspace import UserspaceVsock
 from pytest_microvm.client import AgentClient, Command, Process
 from pytest_microvm.errors import (
@@ -69,10 +69,6 @@ class Runstate(enum.Enum):
 
 
 _GUEST_CID = 3  # with the userspace backend every VM has its own CID space
-# How long one accepted connection may take to say HELLO before we accept the next: the
-# agent says it at once, and a connection the guest gave up on (a connect that timed out
-# there while the backend had already reached us) would otherwise hold the boot.
-HELLO_WAIT = 5.0
 NETWORK_FORWARDS = (22,)  # guest TCP ports reachable from 127.0.0.1 with config.network
 _warned_tcg = False
 
@@ -268,14 +264,18 @@ class MicroVM:
         if missing:
             raise self._failure(f"QEMU did not forward guest port(s) {sorted(missing)}: {info}", BootError)
 
-    def _await_agent(self, deadline: float) -> AgentClient:
-        """Accept the agent's connection, watching QEMU, the console and the backend meanwhile."""
+    def _await_agent(self, deadline: float, *, limit: float | None = None) -> AgentClient:
+        """Accept the agent's connection, watching QEMU, the console and the backend meanwhile.
+
+        ``limit``: the wait an error names (default: the boot timeout ``deadline`` comes from).
+        """
         assert self._listener is not None and self.qemu is not None
         while True:
             self._raise_if_dead(BootError)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._failure(f"the agent did not connect within {self.config.boot_timeout:.0f}s", BootError)
+                waited = self.config.boot_timeout if limit is None else limit
+                raise self._failure(f"the agent did not connect within {waited:.0f}s", BootError)
             try:
                 sock = self._listener.accept(min(0.2, remaining))
             except CommandTimeout:
