@@ -47,6 +47,8 @@ MODULE_GROUPS: dict[str, tuple[str, ...]] = {
     "blk": ("virtio_blk", "crc32c_generic", "erofs"),
     "9p": ("9pnet_virtio", "9p"),  # host directory shares, and the host's / as the root
     "overlay": ("overlay",),  # the tmpfs overlay on top of a read-only root
+    # /dev/vhost-vsock in the guest, for VMs of its own (the nested CI stage, scripts/nested)
+    "vhost": ("vhost_iotlb", "vhost", "vhost_vsock"),
 }
 
 _DECOMPRESSORS = (

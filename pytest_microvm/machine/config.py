@@ -17,6 +17,7 @@ from typing import Any, Union, cast
 from pytest_microvm.channel.kernel import DEFAULT_PORT
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage
+from pytest_microvm.image.kernel import MODULE_GROUPS
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class VMConfig:
     # May this VM be a clone of a snapshot template (machine/snapshot.py) rather than a
     # boot? Only where the configuration allows; False for a test that must see a boot.
     snapshot: bool = True
+    # Module groups the agent loads besides those the root and shares need (image.kernel
+    # MODULE_GROUPS), e.g. ("vhost",) for a guest that runs VMs of its own.
+    modules: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
 
     def __post_init__(self) -> None:
@@ -121,6 +125,10 @@ class VMConfig:
         if self.packages and self.rootfs is not None:
             raise ConfigError("packages and rootfs do not combine: packages make a root of their own")
         object.__setattr__(self, "shares", _shares(self.shares))
+        object.__setattr__(self, "modules", tuple(self.modules))
+        unknown = sorted(set(self.modules) - set(MODULE_GROUPS))
+        if unknown:
+            raise ConfigError(f"modules={unknown}: known groups are {', '.join(sorted(MODULE_GROUPS))}")
 
     def share_list(self) -> list[tuple[str, Share]]:
         """The shares as (guest path, Share), validated and in a stable order."""

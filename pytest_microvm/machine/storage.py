@@ -50,7 +50,12 @@ def _check(image: GuestImage, config: VMConfig) -> None:
     needed = modules(image, config)
     missing = [g for g in needed if g not in image.module_groups]
     if missing:
-        what = {"9p": "9p (shares)", "blk": "virtio-blk and EROFS (root disk)", "overlay": "overlayfs"}
+        what = {
+            "9p": "9p (shares)",
+            "blk": "virtio-blk and EROFS (root disk)",
+            "overlay": "overlayfs",
+            "vhost": "vhost-vsock (VMs inside the guest)",
+        }
         raise ConfigError(
             f"kernel {image.kernel_release} lacks {', '.join(what.get(g, g) for g in missing)}: "
             "use --kernel debian or --kernel source"
@@ -66,7 +71,7 @@ def modules(image: GuestImage, config: VMConfig) -> list[str]:
         groups += ["9p", "overlay"]
     if config.shares and "9p" not in groups:
         groups.append("9p")
-    return groups
+    return groups + [g for g in config.modules if g not in groups]
 
 
 def cmdline(image: GuestImage, config: VMConfig) -> list[str]:
