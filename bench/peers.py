@@ -272,8 +272,8 @@ def host_memory(image: GuestImage) -> list[str]:
 
     with MicroVM(VMConfig(image=image)) as vm:
         vm.run(["true"])
-        assert vm.qemu is not None and vm.qemu.pid is not None and vm.vsock is not None and vm.vsock.pid
-        (qa, qf), (ba, bf) = rss_kib(vm.qemu.pid), rss_kib(vm.vsock.pid)
+        assert vm.qemu is not None and vm.qemu.pid is not None and vm.channel is not None and vm.channel.pids
+        (qa, qf), (ba, bf) = rss_kib(vm.qemu.pid), rss_kib(vm.channel.pids[0])
     anon, files = (qa + ba) / 1024, (qf + bf) / 1024
     return [f"host memory per VM (MiB)       {anon:10.1f} {'-':>12} {'-':>8}   anonymous: QEMU {qa / 1024:.1f} + "
             f"backend {ba / 1024:.1f}; plus {files:.1f} file-backed, shared by VMs; guest RAM excluded"]  # fmt: skip

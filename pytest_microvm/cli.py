@@ -20,11 +20,12 @@ import time
 import tty
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pytest_microvm import __version__
 from pytest_microvm.cache import cache_dir
-from pytest_microvm.channel import UnixListener, connect_agent
-from pytest_microvm.client import Process
+from pytest_microvm.channel import reopen_listener
+from pytest_microvm.client import Process, connect_agent
 from pytest_microvm.errors import ImageError, MicroVMError
 from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.kernel_build import check_build_tools
@@ -43,14 +44,18 @@ def _progress() -> Callable[[str], None]:
     return say
 
 
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
 def _packages(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(p.strip() for p in (args.packages or "").split(",") if p.strip())
+    return _split(args.packages)
 
 
 def _build(args: argparse.Namespace) -> GuestImage:
     return build_image(
         kernel=args.kernel, modules=args.modules, cache=args.cache_dir, progress=_progress(),
-        packages=_packages(args), rootfs=args.rootfs,
+        packages=_packages(args), rootfs=args.rootfs, features=_split(args.features),
     )  # fmt: skip
 
 
@@ -72,6 +77,7 @@ def _root_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rootfs", metavar="DIR|TAR|host", help="the guest's root: a directory, a tar, or host (the host's / over 9p)"
     )
+    p.add_argument("--features", metavar="A,B", help="image features: ssh (dropbear, for vm.ssh())")
 
 
 def _vm_options(p: argparse.ArgumentParser) -> None:
@@ -235,7 +241,7 @@ def _interactive_shell(start: Callable[..., Process]) -> int:
     return _exit_status(result)
 
 
-def _kept_state(path: str) -> tuple[Path, dict[str, object]]:
+def _kept_state(path: str) -> tuple[Path, dict[str, Any]]:
     """The vm.json of a kept VM (given it or its directory); MicroVMError if unreadable."""
     state_path = Path(path)
     if state_path.is_dir():
@@ -260,10 +266,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a kept VM: its QEMU and vsock backend, then its directories."""
     state_path, state = _kept_state(args.state)
     workdir, sockets = state_path.parent, Path(str(state.get("sockets") or state_path.parent))
+    channel = state.get("channel") or {}
     pids = [
-        int(str(state[key]))
-        for key in ("qemu_pid", "backend_pid")
-        if state.get(key) and (_is_process_of(state[key], workdir) or _is_process_of(state[key], sockets))
+        int(str(pid))
+        for pid in (state.get("qemu_pid"), channel.get("backend_pid"))
+        if pid and (_is_process_of(pid, workdir) or _is_process_of(pid, sockets))
     ]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -283,19 +290,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_attach(args: argparse.Namespace) -> int:
     """Reach a VM left running (--microvm-keep-on-failure, run --keep): a shell, or one command."""
     _state_path, state = _kept_state(args.state)
-    if not state.get("agent_socket"):
-        print("error: attach needs a VM on the userspace vsock (its agent socket is a Unix socket)", file=sys.stderr)
-        return 2
     pid = state.get("qemu_pid")
     if not pid or not Path(f"/proc/{pid}").exists():
         print(f"error: the VM is gone (QEMU pid {pid} is not running)", file=sys.stderr)
         return 1
-    # The agent lost its host when the test process exited and keeps reconnecting to this
-    # path; the old listener's socket file is stale, so replace it.
-    sock_path = Path(str(state["agent_socket"]))
-    sock_path.unlink(missing_ok=True)
     with (
-        UnixListener(sock_path) as listener,
+        reopen_listener(state.get("channel") or {}, int(state["agent_port"])) as listener,
         connect_agent(listener, token=str(state["token"]), timeout=args.timeout, name="attach") as agent,
     ):
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pytest_microvm import _proc
 from pytest_microvm import protocol as p
-from pytest_microvm.channel import UnixListener, connect_agent
-from pytest_microvm.client import AgentClient
+from pytest_microvm.channel import UnixListener
+from pytest_microvm.client import AgentClient, connect_agent
 
 
 def rss_kib(pid: int) -> int:

@@ -1,30 +1,70 @@
-"""How bytes get between host and agent. The channel knows nothing about commands.
+"""How bytes get between host and guest. The channel knows nothing about commands.
 
-Each flavour gives the host a listener the agent connects to and returns connected
-stream sockets; :mod:`pytest_microvm.client` speaks the protocol on top.
+Every vsock flavour is one :class:`~.base.Channel`: the device QEMU gets, listeners for
+the guest's connections to the host, and connections to guest ports.
+:mod:`pytest_microvm.client` speaks the agent protocol on top.
 
-- :mod:`.unix`: a Unix socket (the agent on the host in tests; the userspace backend's
-  ``<uds>_<port>``), and the accept-then-handshake step
-- :mod:`.kernel`: AF_VSOCK on CID 2, for hosts with /dev/vhost-vsock
-- :mod:`.userspace`: starts the vhost-user-vsock backend (:mod:`.vhost_user`) for a VM
+- :mod:`.base`: the Channel and Listener interface both flavours keep alike
+- :mod:`.kernel`: QEMU's vhost-vsock-pci and AF_VSOCK on the host (/dev/vhost-vsock)
+- :mod:`.userspace`: the vhost-user-vsock backend process (:mod:`.vhost_user`) and its Unix sockets
+- :mod:`.allocation`: guest CIDs for the kernel flavour (global on a host)
+- :mod:`.unix`: a Unix-socket listener, and the accept-then-handshake step
 
 Imported lazily: the backend process imports :mod:`.vhost_user` alone.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["UnixListener", "connect_agent"]
+__all__ = ["Channel", "Listener", "UnixListener", "open_channel", "reopen_listener"]
+
+
+def open_channel(flavour: str, sockdir: Path, *, die_with_parent: bool = True) -> Channel:
+    """The channel of flavour ``flavour`` ("kernel" or "userspace"), not started yet.
+
+    ``sockdir``: where a flavour's Unix sockets go; ``die_with_parent``: a backend
+    process ends with this one (False for a VM kept running after the test).
+    """
+    from pytest_microvm.channel.kernel import KernelVsock
+    from pytest_microvm.channel.userspace import UserspaceVsock
+
+    if flavour == "kernel":
+        return KernelVsock()
+    if flavour == "userspace":
+        return UserspaceVsock(sockdir, die_with_parent=die_with_parent)
+    raise ValueError(f"unknown vsock flavour {flavour!r}")
+
+
+def reopen_listener(state: dict[str, Any], port: int) -> Listener:
+    """The agent's listener again, from a kept VM's saved :meth:`Channel.state` (``microvm attach``).
+
+    The agent lost its host when the test process exited and keeps reconnecting to the
+    same port, so the listener is made on exactly that port.
+    """
+    from pytest_microvm.channel.kernel import KernelVsockListener
+    from pytest_microvm.channel.unix import UnixListener
+
+    if state.get("uds"):
+        path = Path(f"{state['uds']}_{port}")
+        path.unlink(missing_ok=True)  # the old listener's socket file is stale
+        return UnixListener(path, port=port)
+    return KernelVsockListener(int(state["guest_cid"]), port)
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name == "UnixListener":
         from pytest_microvm.channel import unix
 
         return getattr(unix, name)
+    if name in ("Channel", "Listener"):
+        from pytest_microvm.channel import base
+
+        return getattr(base, name)
     raise AttributeError(f"module 'pytest_microvm.channel' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:
-    from pytest_microvm.channel.unix import UnixListener, connect_agent
+    from pytest_microvm.channel.base import Channel, Listener
+    from pytest_microvm.channel.unix import UnixListener

@@ -1,73 +1,63 @@
-"""The kernel vhost-vsock flavour: an AF_VSOCK listener on the host, CID 2.
+"""The kernel vhost-vsock flavour: QEMU's ``vhost-vsock-pci`` and AF_VSOCK sockets on the host.
 
-Only for hosts with a usable /dev/vhost-vsock (the fast path). Any process on the host
-can connect to a host vsock port, so every accepted peer's CID is checked against the
-guest we booted; others are closed unheard (the token in HELLO is the second check).
+For hosts with a usable /dev/vhost-vsock (the fast path), under KVM or TCG. Guest CIDs
+and host ports are global on a host: each VM claims a CID (:mod:`.allocation`), and a
+host port another process holds is traded for a free one (:func:`.base.bind_free`).
+Any guest on the host can connect to a host vsock port, so every accepted peer's CID is
+checked against this VM's; others are closed unheard and counted (the agent's token is
+the second check, in HELLO).
 """
 
 from __future__ import annotations
 
-import errno
 import logging
-import random
 import socket
+import struct
 import time
-from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
-from tenacity import retry, retry_if_exception, stop_after_attempt
-
-from pytest_microvm.errors import CommandTimeout
-from pytest_microvm.machine.allocation import PORT_RANGE
+from pytest_microvm.channel.allocation import FIRST_CID, LAST_CID, Claim, claim_random
+from pytest_microvm.channel.base import Channel, bind_free
+from pytest_microvm.errors import CommandTimeout, ConnectionLost, MicroVMError
 
 log = logging.getLogger(__name__)
 VMADDR_CID_HOST = 2
 DEFAULT_PORT = 1024
-
-
-def _in_use(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
+# SO_VM_SOCKETS_CONNECT_TIMEOUT (struct timeval): the kernel gives up a vsock connect
+# after 2 s by default, whatever timeout the caller asked for.
+_SO_VM_SOCKETS_CONNECT_TIMEOUT = 6
 
 
 class KernelVsockListener:
-    """Listens on vsock CID 2 for one guest CID."""
+    """Listens on host vsock port ``port`` (CID 2) for one guest CID."""
 
     def __init__(self, guest_cid: int, port: int) -> None:
         self.guest_cid = guest_cid
         self.port = port
+        self.refused: list[str] = []  # why connections were turned away (for a timeout's message)
         self._sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._sock.bind((VMADDR_CID_HOST, port))
-            self._sock.listen(8)
+            self._sock.listen(128)
         except BaseException:
             self._sock.close()
             raise
 
     @classmethod
-    def bind_free(
-        cls, guest_cid: int, preferred: int = DEFAULT_PORT, pick: Callable[[], int] | None = None
-    ) -> KernelVsockListener:
-        """Port ``preferred`` if free, else a random one (another xdist worker or program has it).
+    def bind_free(cls, guest_cid: int, preferred: int | None = DEFAULT_PORT) -> KernelVsockListener:
+        """Port ``preferred`` if free, else a random free one (another worker or program has it)."""
+        return bind_free(lambda port: cls(guest_cid, port), preferred)
 
-        The agent learns the port from the kernel command line. ``pick`` (tests) gives the
-        next port to try after EADDRINUSE.
-        """
-        rng = random.SystemRandom()
-        next_pick = pick or (lambda: rng.randint(*PORT_RANGE))
-        ports = iter([preferred])
-
-        @retry(retry=retry_if_exception(_in_use), stop=stop_after_attempt(32), reraise=True)
-        def attempt() -> KernelVsockListener:
-            return cls(guest_cid, next(ports, None) or next_pick())
-
-        return attempt()
-
-    def accept(self, timeout: float) -> socket.socket:
-        """The next connection from our guest's CID; strangers are closed and logged."""
-        deadline = time.monotonic() + timeout
+    def accept(self, timeout: float | None) -> socket.socket:
+        """The next connection from our guest's CID; strangers are closed, logged and counted."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise CommandTimeout(f"no connection from guest CID {self.guest_cid} within {timeout}s")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise CommandTimeout(
+                    f"no connection from guest CID {self.guest_cid} to port {self.port} within {timeout}s"
+                )
             self._sock.settimeout(remaining)
             try:
                 conn, (cid, _port) = self._sock.accept()
@@ -76,8 +66,76 @@ class KernelVsockListener:
             if cid == self.guest_cid:
                 conn.settimeout(None)
                 return conn
-            log.warning("refused a vsock connection from CID %d (expected %d)", cid, self.guest_cid)
+            why = f"a connection from CID {cid}, not this VM's CID {self.guest_cid}"
+            log.warning("port %d refused %s", self.port, why)
+            self.refused.append(why)
             conn.close()
 
     def close(self) -> None:
         self._sock.close()
+
+    def __enter__(self) -> KernelVsockListener:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def connect(guest_cid: int, port: int, timeout: float) -> socket.socket:
+    """An AF_VSOCK connection to (guest_cid, port), with the errors both flavours raise."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        seconds = max(timeout, 0.001)
+        sock.setsockopt(
+            socket.AF_VSOCK,
+            _SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            struct.pack("qq", int(seconds), int(seconds % 1 * 1_000_000)),
+        )
+        sock.settimeout(timeout)
+        sock.connect((guest_cid, port))
+    except (ConnectionResetError, ConnectionRefusedError):
+        sock.close()
+        raise ConnectionLost(f"the guest refused a connection to vsock port {port}") from None
+    except TimeoutError:
+        sock.close()
+        raise CommandTimeout(f"guest vsock port {port} did not answer within {timeout}s") from None
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock
+
+
+class KernelVsock(Channel):
+    """``vhost-vsock-pci`` with a claimed guest CID; the host's side is plain AF_VSOCK."""
+
+    flavour = "kernel"
+
+    def __init__(self) -> None:
+        self.guest_cid = 0
+        self._claim: Claim | None = None
+
+    def start(self) -> None:
+        self._claim = claim_random("cid", FIRST_CID, LAST_CID)
+        self.guest_cid = self._claim.value
+
+    def device(self) -> tuple[str, dict[str, str]]:
+        if self._claim is None:
+            raise MicroVMError("the kernel vsock channel has no guest CID before start()")
+        return "vhost-vsock-pci", {"guest-cid": str(self.guest_cid)}
+
+    def listen(self, port: int | None = None) -> KernelVsockListener:
+        return KernelVsockListener.bind_free(self.guest_cid, port)
+
+    def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        return connect(self.guest_cid, port, timeout)
+
+    def state(self) -> dict[str, Any]:
+        return {"guest_cid": self.guest_cid}
+
+    def stop(self) -> None:
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None

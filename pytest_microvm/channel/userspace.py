@@ -2,7 +2,8 @@
 
 One backend process per VM (:mod:`pytest_microvm.channel.vhost_user`). The host side of
 guest port P is the Unix socket ``<uds>_<P>``; the host reaches guest port P by
-connecting to ``<uds>`` and saying ``CONNECT P``.
+connecting to ``<uds>`` and saying ``CONNECT P``. Each VM has a CID space of its own
+(the guest is CID 3), so only this VM's guest reaches its sockets through the backend.
 """
 
 from __future__ import annotations
@@ -12,21 +13,27 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
+from typing import Any
 
 from pytest_microvm import _proc
+from pytest_microvm.channel.base import Channel, bind_free
 from pytest_microvm.channel.unix import UnixListener
-from pytest_microvm.errors import ConnectionLost, MicroVMError
+from pytest_microvm.errors import CommandTimeout, ConnectionLost, MicroVMError
+
+GUEST_CID = 3  # every VM has its own CID space behind its own backend
 
 
 class BackendError(MicroVMError):
     """The userspace vsock backend failed or is gone; its stderr tail says why."""
 
 
-class UserspaceVsock:
+class UserspaceVsock(Channel):
     """Starts and stops the vhost-user-vsock backend for one guest."""
 
-    def __init__(self, workdir: Path, guest_cid: int, *, die_with_parent: bool = True) -> None:
+    flavour = "userspace"
+    shared_memory = True  # the backend maps guest RAM
+
+    def __init__(self, workdir: Path, guest_cid: int = GUEST_CID, *, die_with_parent: bool = True) -> None:
         self.workdir = workdir
         self.die_with_parent = die_with_parent
         self.guest_cid = guest_cid
@@ -67,6 +74,10 @@ class UserspaceVsock:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc else []
+
     def stderr_tail(self, n: int = 3000) -> str:
         try:
             return self.stderr_path.read_bytes()[-n:].decode(errors="replace")
@@ -78,26 +89,19 @@ class UserspaceVsock:
             raise BackendError(f"the vsock backend exited with status {self._proc.returncode}:\n{self.stderr_tail()}")
 
     def qemu_args(self) -> list[str]:
-        """The QEMU device arguments (the machine also needs shared memory: see qemu_argv)."""
-        driver, props = self.device()
-        return [*self.chardev_args(), "-device", ",".join([driver, *(f"{k}={v}" for k, v in props.items())])]
-
-    def chardev_args(self) -> list[str]:
-        """The socket QEMU reaches the backend through; a device may be plugged in later."""
+        """The socket QEMU reaches the backend through; the device may be plugged in later."""
         return ["-chardev", f"socket,id=vsock,path={self.control_path}"]
 
-    @staticmethod
-    def device() -> tuple[str, dict[str, str]]:
-        """The vsock device (driver, properties), for -device or QMP device_add."""
+    def device(self) -> tuple[str, dict[str, str]]:
         return "vhost-user-vsock-pci", {"chardev": "vsock"}
 
-    def listen(self, port: int) -> UnixListener:
-        """Where the guest's connections to CID 2 port ``port`` arrive."""
-        return UnixListener(f"{self.uds_path}_{port}", backlog=128)
+    def listen(self, port: int | None = None) -> UnixListener:
+        """Where the guest's connections to CID 2 port ``listener.port`` arrive."""
+        return bind_free(lambda p: UnixListener(f"{self.uds_path}_{p}", backlog=128, port=p), port)
 
     def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
-        """Open a connection to guest port ``port``; raise ConnectionLost if the guest refuses."""
-        self._await_started()
+        """CONNECT through the backend; ConnectionLost if the guest refuses, CommandTimeout if silent."""
+        self._await_started(max(timeout, 10.0))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -111,11 +115,17 @@ class UserspaceVsock:
                 line += b
             if not line.startswith(b"OK "):
                 raise ConnectionLost(f"unexpected answer to CONNECT {port}: {line!r}")
+        except TimeoutError:
+            sock.close()
+            raise CommandTimeout(f"guest vsock port {port} did not answer within {timeout}s") from None
         except BaseException:
             sock.close()
             raise
         sock.settimeout(None)
         return sock
+
+    def state(self) -> dict[str, Any]:
+        return {"guest_cid": self.guest_cid, "uds": str(self.uds_path), "backend_pid": self.pid}
 
     def stop(self, grace: float = 2.0) -> None:
         if self._proc is not None:
@@ -124,8 +134,3 @@ class UserspaceVsock:
     def __enter__(self) -> UserspaceVsock:
         self.start()
         return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -18,20 +18,32 @@ three modules, each with one job —
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pytest_microvm import protocol as p
 from pytest_microvm.client import commands, connection, files
 from pytest_microvm.client.commands import PROBE_ARGV, Command, Process
 from pytest_microvm.client.connection import Sink
+from pytest_microvm.errors import CommandTimeout, MicroVMError
 from pytest_microvm.result import CommandResult
 
-__all__ = ["PROBE_ARGV", "AgentClient", "Command", "Process", "Sink"]
+if TYPE_CHECKING:
+    from pytest_microvm.channel.base import Listener
+
+__all__ = ["HELLO_WAIT", "PROBE_ARGV", "AgentClient", "Command", "Process", "Sink", "connect_agent", "summarize"]
+log = logging.getLogger(__name__)
+
+# How long one accepted connection may take to say HELLO before the next is taken: the
+# agent says it at once, and a connection its guest gave up on (a connect that timed out
+# there while the backend had already reached us) stays silent and would hold the wait.
+HELLO_WAIT = 5.0
 
 
 class AgentClient:
@@ -161,3 +173,53 @@ class AgentClient:
     def poweroff(self, timeout: float = 10.0) -> None:
         """Ask the agent to power the guest off (exit, on the host); wait for the close."""
         commands.poweroff(self._conn, timeout)
+
+
+def connect_agent(
+    listener: Listener,
+    *,
+    token: str,
+    timeout: float,
+    name: str = "agent",
+    watch: Callable[[], None] = lambda: None,
+    refused: list[str] | None = None,
+) -> AgentClient:
+    """Accept the agent's connection on ``listener`` and complete the handshake.
+
+    A connection that says nothing for HELLO_WAIT, or the wrong thing (a wrong token: not
+    the guest we booted), is dropped and the next one taken: the agent retries at once.
+    ``watch`` runs between short waits and may raise (QEMU died). Why connections were
+    turned away (here, and by the listener: a wrong CID) is appended to ``refused``.
+    CommandTimeout if no agent completes the handshake within ``timeout`` seconds.
+    """
+    reasons = [] if refused is None else refused
+    deadline = time.monotonic() + timeout
+    seen = len(listener.refused)
+    while True:
+        watch()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            why = f" (turned away: {summarize(reasons)})" if reasons else ""
+            raise CommandTimeout(f"no agent connected within {timeout:g}s{why}")
+        try:
+            sock = listener.accept(min(0.2, remaining))
+        except CommandTimeout:
+            continue
+        finally:
+            reasons += listener.refused[seen:]
+            seen = len(listener.refused)
+        try:
+            return AgentClient.handshake(
+                sock, token=token, timeout=min(HELLO_WAIT, max(0.5, deadline - time.monotonic())), name=name
+            )
+        except MicroVMError as exc:
+            log.warning("%s: turned away an agent connection: %s", name, exc)
+            reasons.append(str(exc))
+
+
+def summarize(reasons: list[str]) -> str:
+    """Reasons in the order first seen, each once with its count: an agent retries every 10 ms."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return "; ".join(r if n == 1 else f"{r} (x{n})" for r, n in counts.items())

@@ -12,6 +12,9 @@ Two ways in:
   socket: it resolves the peer's address, which for AF_VSOCK fails.)
 - ``network`` (``VMConfig(network=True)``): plain TCP to the host port QEMU forwards to
   the guest's port 22, as SSH to any machine would go.
+
+This module needs only what :class:`Guest` lists (a running guest's commands, files and
+vsock connections), so it does not import :mod:`.vm`; vm.py imports it, one way.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import base64
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import paramiko
 
@@ -28,8 +32,28 @@ from pytest_microvm.errors import ConnectionLost, MicroVMError
 from pytest_microvm.image.sources import SSH_HOST_KEY
 
 if TYPE_CHECKING:
-    from pytest_microvm.client import Process
-    from pytest_microvm.machine.vm import MicroVM
+    from pytest_microvm.client import Command, Process
+    from pytest_microvm.machine.config import VMConfig
+    from pytest_microvm.result import CommandResult
+
+
+class Guest(Protocol):
+    """What GuestSsh needs of a running VM (MicroVM is one)."""
+
+    @property
+    def config(self) -> VMConfig: ...
+
+    @property
+    def forwarded_ports(self) -> Mapping[int, int]: ...
+
+    def run(self, cmd: Command, *, check: bool = False) -> CommandResult: ...
+
+    def write_file(self, remote: str, data: bytes, *, mode: int = 0o644) -> None: ...
+
+    def start_process(self, cmd: Command) -> Process: ...
+
+    def connect(self, port: int, timeout: float = 10.0) -> socket.socket: ...
+
 
 SSH_PORT = 22
 TRANSPORTS = ("vsock", "network")
@@ -49,7 +73,7 @@ def _key() -> paramiko.RSAKey:
 class GuestSsh:
     """The SSH side of one VM: the server job in the guest and the clients made to it."""
 
-    def __init__(self, vm: MicroVM) -> None:
+    def __init__(self, vm: Guest) -> None:
         image = vm.config.image
         if image is None or "ssh" not in image.features or not image.ssh_host_key:
             raise MicroVMError(

@@ -1,9 +1,10 @@
 """MicroVM: one throw-away guest, from QEMU launch to a probed agent and back to nothing.
 
-Owns the VM's lifecycle: a private work directory, the vsock channel (kernel vhost or
-the userspace backend), QEMU with its console and QMP, the agent connection, and the
-bounded shutdown. Every exit path — success, failure, Ctrl-C, timeout, guest panic —
-goes through :meth:`MicroVM.stop`, which leaves no process, socket or directory behind.
+Owns the VM's lifecycle: a private work directory, the vsock channel (one
+:class:`~pytest_microvm.channel.Channel`, whichever flavour the host allows), QEMU with
+its console and QMP, the agent connection, and the bounded shutdown. Every exit path —
+success, failure, Ctrl-C, timeout, guest panic — goes through :meth:`MicroVM.stop`,
+which leaves no process, socket or directory behind.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import retry, retry_if_exception, stop_after_attempt
 
-from pytest_microvm.channel.kernel import KernelVsockListener
-from pytest_microvm.channel.unix import HELLO_WAIT, UnixListener
-from pytest_microvm.channel.userspace import UserspaceVsock
-from pytest_microvm.client import AgentClient, Command, Process
+from pytest_microvm.channel import Channel, Listener, open_channel
+from pytest_microvm.client import AgentClient, Command, Process, connect_agent, summarize
 from pytest_microvm.errors import (
     BootError,
     CommandTimeout,
@@ -40,7 +39,6 @@ from pytest_microvm.errors import (
 )
 from pytest_microvm.image import GuestImage
 from pytest_microvm.machine import network, storage
-from pytest_microvm.machine.allocation import FIRST_CID, LAST_CID, Claim, claim_random
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
 from pytest_microvm.machine.qemu import CONSOLE_TAIL, Layout, QemuProcess, device_args, qemu_argv
@@ -68,7 +66,6 @@ class Runstate(enum.Enum):
     STOPPED = "stopped"
 
 
-_GUEST_CID = 3  # with the userspace backend every VM has its own CID space
 NETWORK_FORWARDS = (22,)  # guest TCP ports reachable from 127.0.0.1 with config.network
 _warned_tcg = False
 
@@ -118,9 +115,8 @@ class MicroVM:
         self.ready_seconds: float | None = None
         self.qemu: QemuProcess | None = None
         self.monitor: Monitor | None = None
-        self.vsock: UserspaceVsock | None = None
-        self._listener: UnixListener | KernelVsockListener | None = None
-        self._cid_claim: Claim | None = None
+        self.channel: Channel | None = None
+        self._listener: Listener | None = None
         self._client: AgentClient | None = None
         self._ssh: GuestSsh | None = None
         self._forwards: dict[int, Process] = {}
@@ -169,19 +165,13 @@ class MicroVM:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
         self._sockdir = _socket_dir(self.workdir)
         self.monitor = Monitor(self._sockdir / "qmp.sock")
-        port = cfg.port
-        chardev: list[str] = []
-        if self.choice.vsock == "userspace":
-            self.vsock = UserspaceVsock(self._sockdir, _GUEST_CID, die_with_parent=not cfg.keep)
-            self.vsock.start()
-            self._listener = self.vsock.listen(port)
-            chardev, device = self.vsock.chardev_args(), self.vsock.device()
-        else:
-            self._cid_claim = claim_random("cid", FIRST_CID, LAST_CID)
-            listener = KernelVsockListener.bind_free(self._cid_claim.value, port)
-            self._listener, port = listener, listener.port
-            device = ("vhost-vsock-pci", {"guest-cid": str(self._cid_claim.value)})
-        layout = self._layout(device)
+        self.channel = open_channel(self.choice.vsock, self._sockdir, die_with_parent=not cfg.keep)
+        self.channel.start()
+        # The agent learns its port from the kernel command line: cfg.port, or a free one
+        # when another VM on the host has it (kernel vsock ports are host-wide).
+        self._listener = self.channel.listen(cfg.port)
+        port = self._listener.port
+        layout = self._layout(self.channel.device())
         assert host.qemu is not None
         console = self.workdir / "console.log"
         argv = qemu_argv(
@@ -197,10 +187,10 @@ class MicroVM:
                 *storage.cmdline(image, cfg),
                 *cfg.kernel_cmdline,
             ],
-            shared_memory=self.choice.vsock == "userspace",
+            shared_memory=self.channel.shared_memory,
             ram_file=layout.ram_file,
             extra=[
-                *chardev,
+                *self.channel.qemu_args(),
                 *layout.args,
                 *storage.qemu_args(image, cfg),
                 *self.monitor.qemu_args(),
@@ -270,26 +260,22 @@ class MicroVM:
         ``limit``: the wait an error names (default: the boot timeout ``deadline`` comes from).
         """
         assert self._listener is not None and self.qemu is not None
-        while True:
-            self._raise_if_dead(BootError)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                waited = self.config.boot_timeout if limit is None else limit
-                raise self._failure(f"the agent did not connect within {waited:.0f}s", BootError)
-            try:
-                sock = self._listener.accept(min(0.2, remaining))
-            except CommandTimeout:
-                continue
-            try:
-                return AgentClient.handshake(
-                    sock,
-                    token=self.token,
-                    timeout=min(HELLO_WAIT, max(0.5, deadline - time.monotonic())),
-                    name=self.name,
-                )
-            except MicroVMError as exc:
-                # A peer with the wrong token is not our guest: keep waiting for ours.
-                self.log.warning("rejected an agent connection: %s", exc)
+        refused: list[str] = []
+        try:
+            # A peer with the wrong CID or token is not our guest: keep waiting for ours,
+            # and say what was turned away if ours never comes.
+            return connect_agent(
+                self._listener,
+                token=self.token,
+                timeout=deadline - time.monotonic(),
+                name=self.name,
+                watch=lambda: self._raise_if_dead(BootError),
+                refused=refused,
+            )
+        except CommandTimeout:
+            waited = self.config.boot_timeout if limit is None else limit
+            why = f" (turned away: {summarize(refused)})" if refused else ""
+            raise self._failure(f"the agent did not connect within {waited:.0f}s{why}", BootError) from None
 
     def _raise_if_dead(self, kind: type[GuestError]) -> None:
         assert self.qemu is not None
@@ -299,9 +285,9 @@ class MicroVM:
         code = self.qemu.returncode()
         if code is not None:
             raise self._failure(f"QEMU exited with status {code}", kind)
-        if self.vsock is not None:
+        if self.channel is not None:
             try:
-                self.vsock.check_alive()
+                self.channel.check_alive()
             except MicroVMError as exc:
                 raise self._failure(str(exc), kind) from exc
 
@@ -316,12 +302,10 @@ class MicroVM:
         state = {
             "name": self.name,
             "qemu_pid": self.qemu.pid,
-            "backend_pid": self.vsock.pid if self.vsock else None,
             "token": self.token,
             "vsock": self.choice.vsock if self.choice else None,
-            "agent_socket": str(self._listener.path) if isinstance(self._listener, UnixListener) else None,
+            "channel": self.channel.state() if self.channel else {},
             "agent_port": port,
-            "guest_cid": self._cid_claim.value if self._cid_claim else _GUEST_CID,
             "qmp": str(self.monitor.path) if self.monitor else None,
             "sockets": str(self._sockdir),
             "console": str(self.qemu.console_path),
@@ -359,12 +343,10 @@ class MicroVM:
                 self.qemu.stop(grace=max(0.5, min(3.0, deadline - time.monotonic())))
             if self.monitor is not None:
                 self.monitor.close()
-            if self.vsock is not None:
-                self.vsock.stop()
             if self._listener is not None:
                 self._listener.close()
-            if self._cid_claim is not None:
-                self._cid_claim.release()
+            if self.channel is not None:
+                self.channel.stop()
             for directory in (self._sockdir, self.workdir):
                 if directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)
@@ -504,13 +486,21 @@ class MicroVM:
     @property
     def pids(self) -> list[int]:
         """Host processes of this VM (QEMU and, with the userspace vsock, the backend)."""
-        return [p for p in (self.qemu.pid if self.qemu else None, self.vsock.pid if self.vsock else None) if p]
+        qemu = [self.qemu.pid] if self.qemu and self.qemu.pid else []
+        return qemu + (self.channel.pids if self.channel else [])
+
+    def _channel(self) -> Channel:
+        if self.channel is None or self.runstate not in (Runstate.RUNNING, Runstate.PAUSED):
+            raise MicroVMError(f"{self.name} is {self.runstate.value}, not running")
+        return self.channel
 
     def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
-        """A stream connection to a guest vsock port (userspace flavour: CONNECT through the backend)."""
-        if self.vsock is None:
-            raise MicroVMError("connect() to guest ports needs the userspace vsock flavour here")
-        return self.vsock.connect(port, timeout)
+        """A stream connection to guest vsock port ``port`` (something in the guest listens there).
+
+        ConnectionLost at once if nothing listens; CommandTimeout if the guest does not
+        answer within ``timeout`` seconds. The same on both vsock flavours.
+        """
+        return self._channel().connect(port, timeout)
 
     def tcp(self, port: int, timeout: float = 30.0) -> socket.socket:
         """A connection to TCP ``port`` on the guest's loopback (a service under test).
@@ -540,11 +530,16 @@ class MicroVM:
                 continue
             return sock  # open: quiet, or the service spoke first (a banner)
 
-    def listen(self, port: int) -> UnixListener:
-        """Where guest connections to CID 2 port ``port`` arrive (userspace flavour)."""
-        if self.vsock is None:
-            raise MicroVMError("listen() needs the userspace vsock flavour here")
-        return self.vsock.listen(port)
+    def listen(self, port: int | None = None) -> Listener:
+        """Where this guest's connections to the host (CID 2) arrive: tell the guest ``listener.port``.
+
+        That is ``port`` when it is free; on the kernel vsock path host ports are shared
+        by every VM on the host, so when another process or xdist worker holds ``port`` a
+        free one is picked (``None``: any free port). Only this VM's guest is accepted (its
+        CID is checked); ``listener.accept(timeout)`` raises CommandTimeout if it never
+        connects. Close it (or use ``with``) when done.
+        """
+        return self._channel().listen(port)
 
 
 def _cid_in_use(exc: BaseException) -> bool:

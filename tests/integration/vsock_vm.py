@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_microvm import GuestImage
-from pytest_microvm.channel import UnixListener, connect_agent
+from pytest_microvm.channel import UnixListener
 from pytest_microvm.channel.userspace import UserspaceVsock
-from pytest_microvm.client import AgentClient
+from pytest_microvm.client import AgentClient, connect_agent
 from pytest_microvm.machine import HostReport, QemuProcess, qemu_argv
+from pytest_microvm.machine.qemu import device_args
 
 BOOT_TIMEOUT = 120.0
 
@@ -54,7 +55,8 @@ def vsock_vm(
     assert host.qemu is not None
     token = secrets.token_hex(16)
     console = workdir / "console.log"
-    with UserspaceVsock(workdir, guest_cid=3) as vsock, vsock.listen(1024) as listener:
+    with UserspaceVsock(workdir) as vsock, vsock.listen(1024) as listener:
+        driver, props = vsock.device()
         argv = qemu_argv(
             image,
             qemu=host.qemu,
@@ -64,7 +66,7 @@ def vsock_vm(
             cmdline=[f"microvm.token={token}"],
             shared_memory=True,
             no_reboot=no_reboot,
-            extra=[*vsock.qemu_args(), *extra],
+            extra=[*vsock.qemu_args(), *device_args(driver, **props), *extra],
         )
         with QemuProcess(argv, console, workdir / "qemu.stderr") as qemu:
             try:

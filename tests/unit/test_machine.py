@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import ConfigError, VMConfig
-from pytest_microvm.channel.kernel import KernelVsockListener
-from pytest_microvm.machine.allocation import claim, claim_random
+from pytest_microvm.channel.allocation import claim, claim_random
+from pytest_microvm.channel.base import bind_free
+from pytest_microvm.channel.userspace import UserspaceVsock
+from pytest_microvm.errors import MicroVMError
 from pytest_microvm.machine.host import Capability, HostReport, choose
 
 YES, NO = Capability(True, "usable"), Capability(False, "missing")
@@ -83,27 +85,43 @@ def test_random_claim_skips_taken_values(tmp_path: Path) -> None:
             blocker.release()
 
 
-def test_kernel_listener_moves_to_another_port_when_1024_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_taken_port_is_traded_for_a_free_one() -> None:
     tried: list[int] = []
     taken = {1024, 2000}
 
-    def fake_init(self: KernelVsockListener, guest_cid: int, port: int) -> None:
+    def bind(port: int) -> int:
         tried.append(port)
         if port in taken:
             raise OSError(errno.EADDRINUSE, "Address already in use")
-        self.guest_cid, self.port = guest_cid, port
+        return port
 
-    monkeypatch.setattr(KernelVsockListener, "__init__", fake_init)
     picks = iter([2000, 3000])
-    listener = KernelVsockListener.bind_free(7, pick=lambda: next(picks))
-    assert listener.port == 3000 and tried == [1024, 2000, 3000]
+    assert bind_free(bind, 1024, pick=lambda: next(picks)) == 3000 and tried == [1024, 2000, 3000]
 
 
-def test_kernel_listener_does_not_retry_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake_init(self: KernelVsockListener, guest_cid: int, port: int) -> None:
+def test_no_port_asked_means_any_free_one() -> None:
+    assert bind_free(lambda port: port, None, pick=lambda: 4321) == 4321
+
+
+def test_binding_does_not_retry_other_errors() -> None:
+    def bind(port: int) -> int:
         raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")  # no host vsock at all
 
-    monkeypatch.setattr(KernelVsockListener, "__init__", fake_init)
     with pytest.raises(OSError) as info:
-        KernelVsockListener.bind_free(7)
+        bind_free(bind, 1024)
     assert info.value.errno == errno.EADDRNOTAVAIL
+
+
+def test_a_host_with_every_port_taken_says_so() -> None:
+    def bind(port: int) -> int:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    with pytest.raises(MicroVMError, match="no free host vsock port"):
+        bind_free(bind, 1024)
+
+
+def test_userspace_listen_moves_off_a_port_already_listened_on(tmp_path: Path) -> None:
+    vsock = UserspaceVsock(tmp_path)  # not started: listening needs only the socket directory
+    with vsock.listen(5000) as first, vsock.listen(5000) as second, vsock.listen() as third:
+        assert first.port == 5000 and second.port not in (5000, 0) and third.port not in (0, second.port)
+        assert (tmp_path / f"vsock_{second.port}").exists()

@@ -1,4 +1,4 @@
-"""Guest CIDs and host vsock ports: global on a host, so allocated, never hard-coded.
+"""Guest CIDs: global on a host, so allocated, never hard-coded.
 
 Only the kernel vhost-vsock path needs this (the userspace backend gives each VM its own
 Unix sockets). A CID is claimed by a lock file held for the VM's lifetime, so processes
@@ -18,7 +18,6 @@ from filelock import FileLock, Timeout
 
 FIRST_CID = 3  # 0, 1 and 2 are reserved; 0xffffffff means "any"
 LAST_CID = 0xFFFFFFFE
-PORT_RANGE = (1025, 65535)
 
 
 def lock_dir() -> Path:
