@@ -31,6 +31,7 @@ from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.kernel_build import check_build_tools
 from pytest_microvm.image.sources import KERNEL_HELP, describe_kernel
 from pytest_microvm.machine import QemuProcess, Share, VMConfig, choose, detect_host, qemu_argv, storage
+from pytest_microvm.machine.config import default_boot_timeout
 from pytest_microvm.machine.snapshot import Templates
 from pytest_microvm.result import CommandResult
 
@@ -64,8 +65,8 @@ def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
     shares = dict(Share.parse(spec) for spec in args.share)  # checked before the image is built
     return VMConfig(
         image=_build(args), memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock,
-        boot_timeout=args.boot_timeout, network=args.network, packages=_packages(args), rootfs=args.rootfs,
-        shares=shares, snapshot=args.snapshot != "off",
+        boot_timeout=args.boot_timeout or default_boot_timeout(), network=args.network,
+        packages=_packages(args), rootfs=args.rootfs, shares=shares, snapshot=args.snapshot != "off",
     ).with_(**changes)  # fmt: skip
 
 
@@ -93,7 +94,9 @@ def _vm_options(p: argparse.ArgumentParser) -> None:
         "--share", action="append", default=[], metavar="HOST:GUEST[:ro]",
         help="a host directory in the guest over 9p (repeatable; :ro refuses writes)",
     )  # fmt: skip
-    p.add_argument("--boot-timeout", type=float, default=120.0, help="seconds the guest may take to boot")
+    p.add_argument(
+        "--boot-timeout", type=float, help="seconds the guest may take to boot (default 120, or $MICROVM_BOOT_TIMEOUT)"
+    )
     p.add_argument(
         "--snapshot", default="auto", choices=["auto", "off"],
         help="auto: restore a clone of a cached snapshot template where possible (made on first use); off: boot",

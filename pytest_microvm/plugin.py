@@ -35,7 +35,7 @@ from pytest_microvm.image import GuestImage, build_image
 from pytest_microvm.image.builder import root_request
 from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_kernel
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
-from pytest_microvm.machine.config import Share
+from pytest_microvm.machine.config import Share, default_boot_timeout
 from pytest_microvm.machine.pool import ClonePool
 from pytest_microvm.machine.snapshot import Templates
 
@@ -53,7 +53,7 @@ _OPTIONS: list[tuple[str, str, str | None, str]] = [
     ("modules", "path", None, "lib/modules/<release> tree for --microvm-kernel"),
     ("memory", "int", "256", "guest memory in MiB"),
     ("vcpus", "int", "1", "guest vCPUs (under TCG one is fastest)"),
-    ("boot-timeout", "float", "120", "seconds a guest may take to become ready"),
+    ("boot-timeout", "float", None, "seconds a guest may take to become ready (default 120, or $MICROVM_BOOT_TIMEOUT)"),
     ("cache-dir", "path", None, "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)"),
     ("features", "list", None, "image features, comma-separated: ssh (dropbear, for vm.ssh())"),
     ("packages", "list", None, "distro packages for the guest's root, comma-separated, from the host's apt"),
@@ -122,7 +122,7 @@ def _base_config(config: pytest.Config) -> VMConfig:
             vcpus=_setting(config, "vcpus"),
             accel=_setting(config, "accel"),
             vsock=_setting(config, "vsock"),
-            boot_timeout=_setting(config, "boot-timeout"),
+            boot_timeout=_setting(config, "boot-timeout") or default_boot_timeout(),
             keep=_keep_on_failure(config),
             packages=_setting(config, "packages") or (),
             rootfs=_setting(config, "rootfs"),

@@ -10,7 +10,9 @@ the second check, in HELLO).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import socket
 import struct
 import time
@@ -24,9 +26,18 @@ from pytest_microvm.errors import CommandTimeout, ConnectionLost, MicroVMError
 log = logging.getLogger(__name__)
 VMADDR_CID_HOST = 2
 DEFAULT_PORT = 1024
-# SO_VM_SOCKETS_CONNECT_TIMEOUT (struct timeval): the kernel gives up a vsock connect
-# after 2 s by default, whatever timeout the caller asked for.
+# SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD (a struct timeval): the kernel gives up a vsock connect
+# after 2 s by default, whatever timeout the caller asked for. Python's setsockopt only
+# passes integers for AF_VSOCK, so libc's is called directly.
 _SO_VM_SOCKETS_CONNECT_TIMEOUT = 6
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _set_connect_timeout(sock: socket.socket, seconds: float) -> None:
+    tv = ctypes.create_string_buffer(struct.pack("qq", int(seconds), int(seconds % 1 * 1_000_000)), 16)
+    if _libc.setsockopt(sock.fileno(), socket.AF_VSOCK, _SO_VM_SOCKETS_CONNECT_TIMEOUT, tv, 16) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setting the vsock connect timeout: {os.strerror(err)}")
 
 
 class KernelVsockListener:
@@ -87,12 +98,7 @@ def connect(guest_cid: int, port: int, timeout: float) -> socket.socket:
     """An AF_VSOCK connection to (guest_cid, port), with the errors both flavours raise."""
     sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        seconds = max(timeout, 0.001)
-        sock.setsockopt(
-            socket.AF_VSOCK,
-            _SO_VM_SOCKETS_CONNECT_TIMEOUT,
-            struct.pack("qq", int(seconds), int(seconds % 1 * 1_000_000)),
-        )
+        _set_connect_timeout(sock, max(timeout, 0.001))
         sock.settimeout(timeout)
         sock.connect((guest_cid, port))
     except (ConnectionResetError, ConnectionRefusedError):

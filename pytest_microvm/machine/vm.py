@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import shutil
 import socket
 import tempfile
@@ -506,29 +505,31 @@ class MicroVM:
         """A connection to TCP ``port`` on the guest's loopback (a service under test).
 
         The agent forwards vsock port ``port`` to it (``microvm-agent --forward``), started
-        on first use; no network device is involved. Retries while the service starts.
+        on first use; no network device is involved. Waits (up to ``timeout`` seconds)
+        until something listens on the port in the guest, so a service still starting is
+        not mistaken for one that closed the connection; ConnectionLost if nothing does.
         """
+        deadline = time.monotonic() + timeout
+        # Asked of the guest's kernel, not inferred from the forwarder closing the
+        # connection in time: on a slow guest (TCG inside TCG) that close comes late.
+        listening = [
+            "sh",
+            "-c",
+            f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ':{port:04X} [0-9A-F]*:0000 0A '",
+        ]
+        while self.run(listening, timeout=max(1.0, deadline - time.monotonic())).exit_code != 0:
+            if time.monotonic() > deadline:
+                raise ConnectionLost(f"nothing listens on TCP port {port} in the guest (waited {timeout:g}s)")
+            time.sleep(0.1)
         if port not in self._forwards:
             self._forwards[port] = self.start_process(f"exec microvm-agent --forward {port} {port} >/dev/null 2>&1")
-        deadline = time.monotonic() + timeout
         while True:
             try:
-                sock = self.connect(port, timeout=max(1.0, deadline - time.monotonic()))
-            except ConnectionLost:
+                return self.connect(port, timeout=max(1.0, deadline - time.monotonic()))
+            except ConnectionLost:  # the forwarder is not listening on vsock yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-                continue
-            # The forwarder closes the connection at once when nothing listens on the TCP
-            # port yet: give it a moment to say so before handing the socket out.
-            readable, _, _ = select.select([sock], [], [], 0.5)
-            if readable and not sock.recv(1, socket.MSG_PEEK):
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise ConnectionLost(f"nothing listens on TCP port {port} in the guest")
-                time.sleep(0.1)
-                continue
-            return sock  # open: quiet, or the service spoke first (a banner)
 
     def listen(self, port: int | None = None) -> Listener:
         """Where this guest's connections to the host (CID 2) arrive: tell the guest ``listener.port``.

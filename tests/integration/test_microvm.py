@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import BootError, GuestError, GuestImage, MicroVM, Runstate, VMConfig
-from pytest_microvm.machine import detect_host
 
 
 @pytest.fixture(scope="module")
@@ -158,19 +157,6 @@ def test_qemu_dying_mid_run_is_reported(microvm_image: GuestImage) -> None:
         os.kill(vm.qemu.pid, signal.SIGKILL)
         with pytest.raises(GuestError, match="QEMU exited with status -9"):
             vm._guard(lambda: proc.wait(timeout=30))
-
-
-def _kernel_path_missing() -> str:
-    host = detect_host()
-    missing = [c.reason for c in (host.vhost_vsock, host.kvm) if not c.usable]
-    return "needs /dev/vhost-vsock and usable KVM: " + "; ".join(missing) if missing else ""
-
-
-@pytest.mark.skipif(bool(_kernel_path_missing()), reason=_kernel_path_missing() or "-")
-def test_kernel_vhost_vsock_path(microvm_image: GuestImage) -> None:
-    with MicroVM(VMConfig(image=microvm_image, vsock="kernel", accel="kvm")) as vm:
-        assert vm.choice is not None and vm.choice.vsock == "kernel"
-        assert vm.run(["echo", "kernel vsock"]).stdout == b"kernel vsock\n"
 
 
 def test_a_deep_work_directory_still_gets_its_sockets(microvm_image: GuestImage, tmp_path: Path) -> None:

@@ -12,16 +12,22 @@ import paramiko
 import pytest
 
 from pytest_microvm import GuestImage, MicroVM, MicroVMError, VMConfig, build_image
+from tests.integration.paths import path_params
 
 
 @pytest.fixture(scope="module")
-def ssh_image(microvm_image: GuestImage) -> GuestImage:
-    return build_image(features=("ssh",), cache=microvm_image.directory.parents[1])
+def ssh_image(microvm_image: GuestImage, session_kernel: str | None) -> GuestImage:
+    return build_image(kernel=session_kernel, features=("ssh",), cache=microvm_image.directory.parents[1])
 
 
-@pytest.fixture(scope="module")
-def vm(ssh_image: GuestImage) -> Iterator[MicroVM]:
-    with MicroVM(VMConfig(image=ssh_image, network=True)) as machine:
+@pytest.fixture(scope="module", params=path_params())
+def vm(request: pytest.FixtureRequest, ssh_image: GuestImage) -> Iterator[MicroVM]:
+    """One VM per vsock path: SSH over vsock rides on vm.connect, which each path does its own way."""
+    with MicroVM(VMConfig(image=ssh_image, network=True, vsock=request.param), name=request.param) as machine:
+        assert machine.choice is not None and machine.choice.vsock == request.param
+        # The first client starts dropbear and makes this process's key; under TCG inside
+        # TCG (the kernel path's CI stage) that alone can take longer than a test's 30 s.
+        machine.ssh(timeout=300).close()
         yield machine
 
 

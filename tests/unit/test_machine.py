@@ -27,7 +27,7 @@ def host(kvm: bool, vsock: bool) -> HostReport:
     [
         (True, True, ("kvm", "kernel")),
         (True, False, ("kvm", "userspace")),
-        (False, True, ("tcg", "userspace")),  # kernel vhost is the fast path only with KVM
+        (False, True, ("tcg", "userspace")),  # kernel vhost is no faster under TCG, and has no clones
         (False, False, ("tcg", "userspace")),
     ],
 )
@@ -46,6 +46,12 @@ def test_forcing_what_the_host_cannot_do_is_a_config_error() -> None:
         choose(host(True, True), accel="xen")
     c = choose(host(True, True), accel="tcg", vsock="userspace")  # forcing the slower path is fine
     assert (c.accel, c.vsock) == ("tcg", "userspace")
+
+
+def test_the_choice_says_why_a_usable_kernel_path_was_not_taken() -> None:
+    assert "under TCG the kernel path is no faster" in choose(host(False, True)).why
+    assert "the fastest path under KVM" in choose(host(True, True)).why
+    assert "vsock=kernel (asked for; usable)" in choose(host(False, True), vsock="kernel").why
 
 
 @pytest.mark.parametrize(
@@ -125,3 +131,13 @@ def test_userspace_listen_moves_off_a_port_already_listened_on(tmp_path: Path) -
     with vsock.listen(5000) as first, vsock.listen(5000) as second, vsock.listen() as third:
         assert first.port == 5000 and second.port not in (5000, 0) and third.port not in (0, second.port)
         assert (tmp_path / f"vsock_{second.port}").exists()
+
+
+def test_the_boot_timeout_default_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MICROVM_BOOT_TIMEOUT", raising=False)
+    assert VMConfig().boot_timeout == 120.0
+    monkeypatch.setenv("MICROVM_BOOT_TIMEOUT", "900")  # a slow host: scripts/nested's L2 guests
+    assert VMConfig().boot_timeout == 900.0 and VMConfig(boot_timeout=5).boot_timeout == 5
+    monkeypatch.setenv("MICROVM_BOOT_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match="MICROVM_BOOT_TIMEOUT='soon': not a number"):
+        VMConfig()
