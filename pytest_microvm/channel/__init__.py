@@ -8,7 +8,7 @@ the guest's connections to the host, and connections to guest ports.
 - :mod:`.kernel`: QEMU's vhost-vsock-pci and AF_VSOCK on the host (/dev/vhost-vsock)
 - :mod:`.userspace`: the vhost-user-vsock backend process (:mod:`.vhost_user`) and its Unix sockets
 - :mod:`.allocation`: guest CIDs for the kernel flavour (global on a host)
-- :mod:`.unix`: a Unix-socket listener, and the accept-then-handshake step
+- :mod:`.unix`: a Unix-socket listener (the userspace flavour's, and the agent on the host in tests)
 
 Imported lazily: the backend process imports :mod:`.vhost_user` alone.
 """
@@ -45,11 +45,14 @@ def reopen_listener(state: dict[str, Any], port: int) -> Listener:
     """
     from pytest_microvm.channel.kernel import KernelVsockListener
     from pytest_microvm.channel.unix import UnixListener
+    from pytest_microvm.errors import MicroVMError
 
     if state.get("uds"):
         path = Path(f"{state['uds']}_{port}")
         path.unlink(missing_ok=True)  # the old listener's socket file is stale
         return UnixListener(path, port=port)
+    if "guest_cid" not in state:
+        raise MicroVMError("the VM's state names no vsock channel (kept by an older pytest-microvm?): microvm stop it")
     return KernelVsockListener(int(state["guest_cid"]), port)
 
 
