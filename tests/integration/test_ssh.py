@@ -14,6 +14,10 @@ import pytest
 from pytest_microvm import GuestImage, MicroVM, MicroVMError, VMConfig, build_image
 from tests.integration.paths import path_params
 
+# Generous: under TCG inside TCG (the kernel path's CI stage) a key exchange in the guest
+# takes seconds, and longer on a loaded host. A working connection is never slowed by it.
+T = 180.0
+
 
 @pytest.fixture(scope="module")
 def ssh_image(microvm_image: GuestImage, session_kernel: str | None) -> GuestImage:
@@ -33,8 +37,8 @@ def vm(request: pytest.FixtureRequest, ssh_image: GuestImage) -> Iterator[MicroV
 
 @pytest.mark.parametrize("transport", ["vsock", "network"])
 def test_exec_over_ssh(vm: MicroVM, transport: str) -> None:
-    client = vm.ssh(transport=transport)
-    _stdin, stdout, stderr = client.exec_command("echo out; echo err >&2; exit 3", timeout=60)
+    client = vm.ssh(transport=transport, timeout=T)
+    _stdin, stdout, stderr = client.exec_command("echo out; echo err >&2; exit 3", timeout=T)
     assert stdout.read() == b"out\n" and stderr.read() == b"err\n"
     assert stdout.channel.recv_exit_status() == 3
 
@@ -43,7 +47,7 @@ def test_exec_over_ssh(vm: MicroVM, transport: str) -> None:
 def test_sftp_round_trip(vm: MicroVM, tmp_path: Path, transport: str) -> None:
     data = os.urandom(1024 * 1024 + 5)
     (tmp_path / "up").write_bytes(data)
-    sftp = vm.ssh(transport=transport).open_sftp()
+    sftp = vm.ssh(transport=transport, timeout=T).open_sftp()
     sftp.put(str(tmp_path / "up"), "/tmp/up")
     assert vm.run(["sha256sum", "/tmp/up"]).stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
     sftp.get("/tmp/up", str(tmp_path / "down"))
@@ -52,16 +56,16 @@ def test_sftp_round_trip(vm: MicroVM, tmp_path: Path, transport: str) -> None:
 
 
 def test_several_clients_at_once(vm: MicroVM) -> None:
-    clients = [vm.ssh(), vm.ssh(transport="network"), vm.ssh()]
-    outs = [c.exec_command(f"echo {i}")[1].read() for i, c in enumerate(clients)]
+    clients = [vm.ssh(timeout=T), vm.ssh(transport="network", timeout=T), vm.ssh(timeout=T)]
+    outs = [c.exec_command(f"echo {i}", timeout=T)[1].read() for i, c in enumerate(clients)]
     assert outs == [b"0\n", b"1\n", b"2\n"]
 
 
 def test_network_ssh_is_a_plain_tcp_connection_from_the_guests_view(vm: MicroVM) -> None:
     # Over the network the client comes from QEMU's gateway; over vsock, from loopback.
-    _in, out, _err = vm.ssh(transport="network").exec_command("echo $SSH_CLIENT")
+    _in, out, _err = vm.ssh(transport="network", timeout=T).exec_command("echo $SSH_CLIENT", timeout=T)
     assert out.read().split()[0] == b"10.0.2.2"
-    _in, out, _err = vm.ssh().exec_command("echo $SSH_CLIENT")
+    _in, out, _err = vm.ssh(timeout=T).exec_command("echo $SSH_CLIENT", timeout=T)
     assert out.read().split()[0] == b"127.0.0.1"
 
 

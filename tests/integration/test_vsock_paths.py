@@ -1,8 +1,9 @@
 """Both vsock paths, one test code: everything a test does on one path it does on the other.
 
-Every test here runs on the userspace backend and on kernel vhost-vsock (``path`` is the
-parameter). The kernel path needs a usable /dev/vhost-vsock (KVM is not needed): this
-machine has none, so CI runs those cases inside a nested guest that has it
+Every test that takes the ``vm`` fixture runs on the userspace backend and on kernel
+vhost-vsock (the fixture's parameter); the last test is the kernel path's alone (its
+listeners' CID check). The kernel path needs a usable /dev/vhost-vsock (KVM is not
+needed): this machine has none, so CI runs those cases inside a nested guest that has it
 (``scripts/nested``, the ``kernel_vsock`` marker); here they skip and say why.
 """
 
