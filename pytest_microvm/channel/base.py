@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from pytest_microvm.errors import MicroVMError
+from pytest_microvm.errors import CommandTimeout, ConnectionLost, MicroVMError
 
 PORT_RANGE = (1025, 65535)  # where a free port is picked when the asked one is taken
 _BIND_ATTEMPTS = 32
@@ -71,6 +71,16 @@ def bind_free(bind: Callable[[int], L], preferred: int | None, pick: Callable[[]
             if exc.errno != errno.EADDRINUSE:
                 raise
     raise MicroVMError(f"no free host vsock port found in {_BIND_ATTEMPTS} tries")
+
+
+def refused(port: int) -> ConnectionLost:
+    """What connect() raises on either flavour when nothing listens on guest port ``port``."""
+    return ConnectionLost(f"the guest refused a connection to vsock port {port}")
+
+
+def unanswered(port: int, timeout: float) -> CommandTimeout:
+    """What connect() raises on either flavour when the guest does not answer in time."""
+    return CommandTimeout(f"guest vsock port {port} did not answer within {timeout}s")
 
 
 class Channel(ABC):

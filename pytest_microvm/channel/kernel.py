@@ -20,8 +20,8 @@ from types import TracebackType
 from typing import Any
 
 from pytest_microvm.channel.allocation import FIRST_CID, LAST_CID, Claim, claim_random
-from pytest_microvm.channel.base import Channel, bind_free
-from pytest_microvm.errors import CommandTimeout, ConnectionLost, MicroVMError
+from pytest_microvm.channel.base import Channel, bind_free, refused, unanswered
+from pytest_microvm.errors import CommandTimeout, MicroVMError
 
 log = logging.getLogger(__name__)
 VMADDR_CID_HOST = 2
@@ -103,10 +103,10 @@ def connect(guest_cid: int, port: int, timeout: float) -> socket.socket:
         sock.connect((guest_cid, port))
     except (ConnectionResetError, ConnectionRefusedError):
         sock.close()
-        raise ConnectionLost(f"the guest refused a connection to vsock port {port}") from None
+        raise refused(port) from None
     except TimeoutError:
         sock.close()
-        raise CommandTimeout(f"guest vsock port {port} did not answer within {timeout}s") from None
+        raise unanswered(port, timeout) from None
     except BaseException:
         sock.close()
         raise

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_microvm import _proc
-from pytest_microvm.channel.base import Channel, bind_free
+from pytest_microvm.channel.base import Channel, bind_free, refused, unanswered
 from pytest_microvm.channel.unix import UnixListener
-from pytest_microvm.errors import CommandTimeout, ConnectionLost, MicroVMError
+from pytest_microvm.errors import ConnectionLost, MicroVMError
 
 GUEST_CID = 3  # every VM has its own CID space behind its own backend
 
@@ -111,13 +111,13 @@ class UserspaceVsock(Channel):
             while not line.endswith(b"\n"):
                 b = sock.recv(1)
                 if not b:
-                    raise ConnectionLost(f"the guest refused a connection to vsock port {port}")
+                    raise refused(port)
                 line += b
             if not line.startswith(b"OK "):
                 raise ConnectionLost(f"unexpected answer to CONNECT {port}: {line!r}")
         except TimeoutError:
             sock.close()
-            raise CommandTimeout(f"guest vsock port {port} did not answer within {timeout}s") from None
+            raise unanswered(port, timeout) from None
         except BaseException:
             sock.close()
             raise
