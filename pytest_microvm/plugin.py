@@ -17,6 +17,10 @@ for a real boot), made ahead by a pool so that it is ready when the test starts.
 
 On a failed test each VM's console tail is attached to the report; with
 ``--microvm-keep-on-failure`` the VM stays up and the report says how to reach it.
+
+SIGTERM (a CI timeout or cancellation) unwinds the session as Ctrl-C does, xdist workers
+first (:mod:`pytest_microvm._sigterm`); VMs torn down after an interruption are stopped
+at once, not powered off from inside.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 import pytest
 
 from pytest_microvm import hookspecs
+from pytest_microvm._sigterm import SigtermUnwinds
 from pytest_microvm.cache import cache_dir
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image import GuestImage, build_image
@@ -43,6 +48,8 @@ _VMS = pytest.StashKey[list[MicroVM]]()
 _CALL_FAILED = pytest.StashKey[bool]()
 _IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], GuestImage]]()  # by root_request()
 _POOL = pytest.StashKey[ClonePool]()
+_SIGTERM = pytest.StashKey[SigtermUnwinds]()
+_INTERRUPTED = pytest.StashKey[bool]()
 CONSOLE_IN_REPORT = 3000
 
 _OPTIONS: list[tuple[str, str, str | None, str]] = [
@@ -150,12 +157,40 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--microvm-snapshot: {_setting(config, 'snapshot')!r}; use auto or off")
     if (_setting(config, "pool") or 0) < 0:
         raise pytest.UsageError("--microvm-pool: must be 0 or more")
+    sigterm = config.stash[_SIGTERM] = SigtermUnwinds()
+    sigterm.install()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    pool = config.stash.get(_POOL, None)
-    if pool is not None:
-        pool.close()  # the clones made ahead and not used: nothing of the pool outlives the session
+    try:
+        pool = config.stash.get(_POOL, None)
+        if pool is not None:
+            pool.close()  # the clones made ahead and not used: nothing of the pool outlives the session
+    finally:
+        sigterm = config.stash.get(_SIGTERM, None)
+        if sigterm is not None:
+            sigterm.uninstall()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist (controller): learn each worker's pid, so that SIGTERM reaches the workers,
+    which hold the VMs, as a Ctrl-C at a terminal does."""
+    sigterm = node.config.stash.get(_SIGTERM, None)
+    if sigterm is not None and node.gateway.spec.popen:
+        channel = node.gateway.remote_exec("import os; channel.send(os.getpid())")
+        sigterm.workers.add(int(channel.receive(timeout=60)))
+        channel.waitclose(timeout=60)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Before the runner tears fixtures down: after Ctrl-C or SIGTERM, VMs are stopped at
+    # once (QEMU terminated), not powered off from inside, so the unwind stays short.
+    interrupted = session.config.stash[_INTERRUPTED] = exitstatus == pytest.ExitCode.INTERRUPTED
+    sigterm = session.config.stash.get(_SIGTERM, None)
+    if interrupted and sigterm is not None and hasattr(session.config, "workerinput"):
+        sigterm.shield()  # an xdist worker: see _sigterm
 
 
 def _pool(config: pytest.Config) -> ClonePool:
@@ -287,7 +322,7 @@ def _boot(request: pytest.FixtureRequest, cfg: VMConfig, name: str) -> MicroVM:
 
 def _teardown(request: pytest.FixtureRequest, vm: MicroVM) -> None:
     failed = request.node.stash.get(_CALL_FAILED, False)
-    vm.stop(keep=failed and vm.config.keep)
+    vm.stop(keep=failed and vm.config.keep, graceful=not request.config.stash.get(_INTERRUPTED, False))
 
 
 @pytest.fixture
@@ -322,7 +357,8 @@ def _shared_vm(request: pytest.FixtureRequest, image: GuestImage, name: str) -> 
     try:
         yield vm
     finally:
-        vm.stop(keep=False)  # no single failed test owns it: never left running
+        # No single failed test owns it: never left running.
+        vm.stop(keep=False, graceful=not request.config.stash.get(_INTERRUPTED, False))
 
 
 @pytest.fixture(scope="module")

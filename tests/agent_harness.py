@@ -11,7 +11,7 @@ import os
 import secrets
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,14 +31,16 @@ def rss_kib(pid: int) -> int:
 class HostAgent:
     """An agent process on the host plus the listener it connects to."""
 
-    def __init__(self, binary: Path, workdir: Path, token: str | None = None) -> None:
+    def __init__(self, binary: Path, workdir: Path, token: str | None = None, ignore: Sequence[str] = ()) -> None:
+        """``ignore``: signal names (``INT``, ``QUIT``, ...) the agent inherits ignored, as
+        from a script that started it in the background."""
         self.token = token if token is not None else secrets.token_hex(16)
         self.socket_path = workdir / "agent.sock"
         self.listener = UnixListener(self.socket_path)
-        self.proc: subprocess.Popen[bytes] = _proc.spawn(
-            [str(binary), "--unix", str(self.socket_path), "--token", self.token],
-            stderr=subprocess.DEVNULL,
-        )
+        argv = [str(binary), "--unix", str(self.socket_path), "--token", self.token]
+        if ignore:  # the shell sets them ignored and exec keeps them so: the agent's pid is the shell's
+            argv = ["sh", "-c", f'trap \'\' {" ".join(ignore)}; exec "$0" "$@"', *argv]
+        self.proc: subprocess.Popen[bytes] = _proc.spawn(argv, stderr=subprocess.DEVNULL)
 
     @property
     def pid(self) -> int:
@@ -61,8 +63,10 @@ class HostAgent:
 
 
 @contextmanager
-def host_agent(binary: Path, workdir: Path, token: str | None = None) -> Iterator[HostAgent]:
-    agent = HostAgent(binary, workdir, token)
+def host_agent(
+    binary: Path, workdir: Path, token: str | None = None, ignore: Sequence[str] = ()
+) -> Iterator[HostAgent]:
+    agent = HostAgent(binary, workdir, token, ignore)
     try:
         yield agent
     finally:

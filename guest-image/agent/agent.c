@@ -503,7 +503,7 @@ static int spawn(pid_t *pid, char *const argv[], char *const env[], const char *
 	child_errno = 0;
 	pid_t p = vfork();
 	if (p == 0) {
-		signal(SIGPIPE, SIG_DFL); /* the agent ignores SIGPIPE; commands get the default */
+		signal(SIGPIPE, SIG_DFL); /* the only signal the agent ignores (main() resets the rest) */
 		sigprocmask(SIG_SETMASK, &none, NULL);
 		setsid();
 		/* O_CLOEXEC: only the copy made as fd 0 reaches the command (main() keeps 0-2
@@ -1453,6 +1453,14 @@ int main(int argc, char **argv)
 	for (int i = 0; i < MAX_JOBS; i++)
 		job_free(&jobs[i]);
 
+	/* An ignored signal stays ignored across execve, and a process started in the
+	 * background by a script (or by nohup, or a CI runner) inherits SIGINT and SIGQUIT
+	 * ignored. Commands must start with every signal at its default, as under sshd, so
+	 * the agent drops whatever it inherited, once, here; a vfork child then only has to
+	 * undo the SIGPIPE below. (As PID 1 the kernel shields it from defaults anyway.) */
+	for (int s = 1; s < NSIG; s++)
+		if (s != SIGKILL && s != SIGSTOP)
+			signal(s, SIG_DFL); /* EINVAL for the C library's own real-time signals: harmless */
 	signal(SIGPIPE, SIG_IGN);
 	sigset_t mask;
 	sigemptyset(&mask);

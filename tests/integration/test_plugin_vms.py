@@ -17,6 +17,7 @@ import pytest
 
 from pytest_microvm import GuestImage
 from tests.agent_harness import processes_mentioning
+from tests.signals import defaults
 
 SUITE = """
 import os
@@ -118,6 +119,7 @@ def test_sigint_during_boot_leaves_nothing_behind(pytester: pytest.Pytester, sha
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=defaults(),  # Ctrl-C from a terminal: SIGINT at its default, whatever the suite inherited
     )
     try:
         _interrupt_during_boot(proc, workroot)

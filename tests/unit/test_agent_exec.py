@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,7 +18,8 @@ import pytest
 
 from pytest_microvm import AgentError, CommandError, CommandTimeout
 from pytest_microvm.client import AgentClient
-from tests.agent_harness import HostAgent, children_of, rss_kib
+from tests.agent_harness import HostAgent, children_of, host_agent, rss_kib
+from tests.signals import ignored
 
 
 @pytest.mark.parametrize("code", [0, 1, 7, 255])
@@ -307,6 +309,20 @@ def test_commands_get_default_sigpipe_and_an_empty_signal_mask(client: AgentClie
     assert int(fields["SigBlk"], 16) == 0
     assert int(fields["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1)) == 0
     assert client.run("yes | head -c 3", timeout=10).stdout == b"y\ny"
+
+
+def test_commands_get_default_dispositions_whatever_the_agent_inherited(agent_binary: Path, tmp_path: Path) -> None:
+    # As when the suite runs as a script's background job: the agent inherits signals
+    # ignored. Its commands must not (a SIGINT sent to them must end them).
+    inherited = ["INT", "QUIT", "HUP", "USR1"]
+    wrapper = subprocess.run(["sh", "-c", f"trap '' {' '.join(inherited)}; exec cat /proc/self/status"],
+                             capture_output=True, check=True)  # fmt: skip
+    assert ignored(wrapper.stdout) >= {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1}  # the setup holds
+    with host_agent(agent_binary, tmp_path, ignore=inherited) as agent, agent.client() as client:
+        status = client.run(["cat", "/proc/self/status"], check=True).stdout
+        assert ignored(status) == set()
+        r = client.run(["sh", "-c", "kill -INT $$; echo survived"], timeout=10)
+        assert (r.signal, r.stdout) == (signal.SIGINT, b"")
 
 
 def test_pty_gives_a_controlling_terminal_with_size_and_interrupt(client: AgentClient) -> None:

@@ -20,6 +20,7 @@ from pytest_microvm import ImageError, build_image
 from pytest_microvm.image import kernel_build
 from pytest_microvm.image.kernel_build import check_build_tools, kernel_config_path, missing_options, wanted_options
 from tests.agent_harness import processes_mentioning
+from tests.signals import defaults
 
 
 def test_the_shipped_fragment_asks_for_what_the_guest_needs() -> None:
@@ -55,13 +56,16 @@ def test_source_kernel_takes_no_module_tree(tmp_path: Path) -> None:
 
 def test_ctrl_c_during_make_stops_the_compilers_too(tmp_path: Path) -> None:
     # make's children (the compilers) must not outlive an interrupted build.
-    marker = "31.4159"
+    marker = f"31.{os.getpid()}"  # its own: another run of this suite may be sleeping too
     (tmp_path / "Makefile").write_text(f"all:\n\tsleep {marker} & sleep {marker}; wait\n")
     code = (
         "import sys; from pathlib import Path; from pytest_microvm.image.kernel_build import _make; "
         f"_make(Path({str(tmp_path)!r}), ['all'], 'test', print, Path({str(tmp_path / 'log')!r}))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Ctrl-C is a SIGINT at its default action, even when the suite itself ignores it.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=defaults()
+    )
     try:
         deadline = time.monotonic() + 30
         while len(_sleepers(marker)) < 2:
@@ -75,6 +79,7 @@ def test_ctrl_c_during_make_stops_the_compilers_too(tmp_path: Path) -> None:
         assert _sleepers(marker) == []
     finally:
         proc.kill()
+        proc.wait()  # reaped here: a Popen left running warns in whichever test comes next
         for pid in _sleepers(marker):
             os.kill(pid, signal.SIGKILL)
 
