@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pytest_microvm.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct(">IHHI")  # length, type, flags, id
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 20
@@ -155,19 +155,22 @@ def encode_exec(
     env: Iterable[str | bytes] = (),
     cwd: str = "",
     stdin_pipe: bool = False,
-    pty: bool = False,
+    pty: tuple[int, int] | None = None,
     timeout_ms: int = 0,
 ) -> bytes:
+    """EXEC; ``pty=(rows, cols)``: on a new terminal of that size, set before the command starts."""
     if not argv:
         raise ValueError("argv must not be empty")
-    if pty and not stdin_pipe:
+    if pty is not None and not stdin_pipe:
         raise ValueError("a PTY needs stdin_pipe (the terminal's input)")
     if not 0 <= timeout_ms <= 0xFFFFFFFF:
         raise ValueError(f"timeout_ms out of range: {timeout_ms}")
-    flags = (EXEC_STDIN_PIPE if stdin_pipe else 0) | (EXEC_PTY if pty else 0)
+    flags = (EXEC_STDIN_PIPE if stdin_pipe else 0) | (EXEC_PTY if pty is not None else 0)
     payload = (
         struct.pack(">II", flags, timeout_ms) + _c_str(cwd, "cwd") + _strv(list(argv), "argv") + _strv(list(env), "env")
     )
+    if pty is not None:
+        payload += _winsize(*pty)
     return frame(FrameType.EXEC, fid, payload)
 
 
@@ -197,10 +200,14 @@ def encode_error(fid: int, code: int, message: str) -> bytes:
     return frame(FrameType.ERROR, fid, struct.pack(">I", code) + _str(message))
 
 
-def encode_winsize(fid: int, rows: int, cols: int) -> bytes:
+def _winsize(rows: int, cols: int) -> bytes:
     if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
         raise ValueError(f"window size {rows}x{cols} out of range")
-    return frame(FrameType.WINSIZE, fid, struct.pack(">HH", rows, cols))
+    return struct.pack(">HH", rows, cols)
+
+
+def encode_winsize(fid: int, rows: int, cols: int) -> bytes:
+    return frame(FrameType.WINSIZE, fid, _winsize(rows, cols))
 
 
 def encode_put(fid: int, path: str, mode: int) -> bytes:

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pytest_microvm import _proc
 from pytest_microvm import protocol as p
@@ -71,6 +72,19 @@ def host_agent(
         yield agent
     finally:
         agent.close()
+
+
+@contextmanager
+def reaping(*procs: subprocess.Popen[Any]) -> Iterator[None]:
+    """Kill and reap whatever of ``procs`` still runs on the way out, whatever happened: a
+    test's processes never outlive it (nor warn, unreaped, inside whichever test runs next)."""
+    try:
+        yield
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
 
 
 def handshake_raw(agent: HostAgent) -> socket.socket:

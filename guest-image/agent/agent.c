@@ -42,7 +42,7 @@
 #ifndef AGENT_VERSION
 #define AGENT_VERSION "0.1.0"
 #endif
-#define PROTO_VERSION 2
+#define PROTO_VERSION 3
 
 #define HDR 12u
 #define MAX_PAYLOAD (1u << 20)
@@ -535,6 +535,7 @@ static void start_exec(uint32_t id, struct cursor *c)
 	char *cwd = cur_str(c);
 	char **argv = cur_strv(c, &argc);
 	char **envv = argv ? cur_strv(c, &envc) : NULL;
+	uint32_t size = (flags & EXEC_PTY) ? cur_u32(c) : 0; /* u16 rows, u16 cols */
 	cur_end(c);
 	if (!c->err && argc == 0)
 		c->err = "EXEC without argv";
@@ -571,6 +572,9 @@ static void start_exec(uint32_t id, struct cursor *c)
 			goto out;
 		}
 		strcpy(pts, name);
+		/* The size is set before the command starts: one that asks at once sees it. */
+		struct winsize ws = { .ws_row = (unsigned short)(size >> 16), .ws_col = (unsigned short)(size & 0xffff) };
+		ioctl(master, TIOCSWINSZ, &ws);
 		in[0] = slave;
 		out[1] = fcntl(slave, F_DUPFD_CLOEXEC, 3);
 		err[1] = fcntl(slave, F_DUPFD_CLOEXEC, 3);

@@ -48,7 +48,7 @@ def _start(
     stdin: bool,
     timeout: float | None,
     sink: Sink | None,
-    pty: bool = False,
+    pty: tuple[int, int] | None = None,
 ) -> Job:
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
@@ -98,11 +98,8 @@ def start(
 ) -> Process:
     """Start a command with its output queued for the returned :class:`Process` to read."""
     argv = _argv(cmd)
-    job = _start(conn, argv, env, cwd, stdin or pty is not None, timeout, sink=None, pty=pty is not None)
-    process = Process(conn, job, timeout)
-    if pty is not None:
-        process.resize(*pty)
-    return process
+    job = _start(conn, argv, env, cwd, stdin or pty is not None, timeout, sink=None, pty=pty)
+    return Process(conn, job, timeout)
 
 
 def run(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm.cache import cache_dir, cached_build
+from tests.agent_harness import reaping
 
 WORKER = textwrap.dedent(
     """
@@ -33,7 +34,8 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER, str(final), str(log)], stdout=subprocess.PIPE) for _ in range(4)
     ]
-    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    with reaping(*procs):
+        outputs = [p.communicate(timeout=60)[0] for p in procs]
     assert outputs == [b"done\n"] * 4
     assert log.read_text() == "built\n"
     assert sorted(x.name for x in final.parent.iterdir()) == ["thing", "thing.lock"]  # no staging left

@@ -15,6 +15,7 @@ import pytest
 
 from pytest_microvm.image.rootfs import have_mkfs_erofs
 from pytest_microvm.image.sources import find_busybox
+from tests.agent_harness import reaping
 
 pytestmark = pytest.mark.skipif(not have_mkfs_erofs(), reason="needs mkfs.erofs (apt-get install erofs-utils)")
 
@@ -66,7 +67,8 @@ def _builder(kernel: Path, tar: Path, cache: Path, kill_on: str = "") -> subproc
 def test_two_processes_build_the_same_image_once(inputs: tuple[Path, Path, Path]) -> None:
     kernel, tar, cache = inputs
     procs = [_builder(kernel, tar, cache) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    with reaping(*procs):
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     results = [json.loads(line[7:]) for out in outputs for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(results) == 2 and results[0] == results[1]
@@ -78,12 +80,14 @@ def test_two_processes_build_the_same_image_once(inputs: tuple[Path, Path, Path]
 def test_a_build_killed_halfway_leaves_nothing_a_later_build_uses(inputs: tuple[Path, Path, Path]) -> None:
     kernel, tar, cache = inputs
     killed = _builder(kernel, tar, cache, kill_on="into root.erofs")
-    out = killed.communicate(timeout=300)[0]
+    with reaping(killed):
+        out = killed.communicate(timeout=300)[0]
     assert killed.returncode == -signal.SIGKILL, out
     images = cache / "images"
     assert not [d for d in images.iterdir() if d.is_dir() and not d.name.startswith(".")]
     again = _builder(kernel, tar, cache)
-    out = again.communicate(timeout=300)[0]
+    with reaping(again):
+        out = again.communicate(timeout=300)[0]
     assert again.returncode == 0, out
     assert "built image" in out  # built anew, not taken from the half-written one
     directory = Path(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])[0])

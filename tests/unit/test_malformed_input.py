@@ -162,6 +162,7 @@ def test_client_survives_arbitrary_bytes_from_the_agent(chunks: list[bytes], str
         (p.encode_u32(p.FrameType.KILL, 1, 0), "invalid signal"),
         (p.frame(p.FrameType.WINSIZE, 1, b"\0"), "WINSIZE payload"),
         (p.frame(p.FrameType.EXEC, 1, struct.pack(">IIIII", 2, 0, 0, 1, 2) + b"sh" + b"\0" * 4), "PTY without"),
+        (p.frame(p.FrameType.EXEC, 1, p.encode_exec(1, ["sh"], stdin_pipe=True, pty=(24, 80))[12:-4]), "too short"),
         (p.encode_u32(p.FrameType.CREDIT, 1, 7) + b"z", None),  # unknown id: ignored... then trailing garbage
     ],
 )

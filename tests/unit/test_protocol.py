@@ -47,6 +47,16 @@ def test_exec_encoding_matches_the_spec() -> None:
     )
 
 
+def test_exec_on_a_terminal_carries_its_size() -> None:
+    data = p.encode_exec(5, ["sh"], stdin_pipe=True, pty=(33, 101))
+    payload = data[12:]
+    assert struct.unpack_from(">I", payload) == (p.EXEC_STDIN_PIPE | p.EXEC_PTY,)
+    assert payload.endswith(b"\x00\x00\x00\x00" + struct.pack(">HH", 33, 101))  # no env, then rows and cols
+    assert len(payload) == len(p.encode_exec(5, ["sh"], stdin_pipe=True)[12:]) + 4
+    with pytest.raises(ValueError, match="out of range"):
+        p.encode_exec(5, ["sh"], stdin_pipe=True, pty=(70000, 80))
+
+
 def test_oversized_length_is_rejected_from_the_header_alone() -> None:
     dec = p.FrameDecoder()
     header = p.HEADER.pack(p.MAX_PAYLOAD + 1, p.FrameType.STDOUT, 0, 1)
