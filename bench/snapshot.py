@@ -35,7 +35,8 @@ from peers import PeerRun, say, timed, vng_measure, vng_setup
 
 from pytest_microvm import GuestImage, MicroVM, VMConfig, build_image
 from pytest_microvm.machine import choose, detect_host
-from pytest_microvm.machine.snapshot import CloneVM, Templates
+from pytest_microvm.machine.snapshot.policy import Templates
+from pytest_microvm.machine.snapshot.strategies import RestoreClone
 
 GOALS = {"debian": 0.15, "source": 0.25}
 
@@ -45,7 +46,7 @@ def ready_times(image: GuestImage, runs: int) -> tuple[list[float], list[float],
     templates = Templates()
     config = VMConfig(image=image)
     warm = templates.start(config, name="warm")  # makes or finds the template
-    assert isinstance(warm, CloneVM), "this configuration does not clone here: nothing to measure"
+    assert warm.cloned, "this configuration does not clone here: nothing to measure"
     warm.stop()
     boots: list[float] = []
     clones: list[float] = []
@@ -58,8 +59,8 @@ def ready_times(image: GuestImage, runs: int) -> tuple[list[float], list[float],
         start = time.monotonic()
         clone = templates.start(config, name="clone")
         clones.append(time.monotonic() - start)
-        assert isinstance(clone, CloneVM) and clone.restore_seconds is not None
-        restores.append(clone.restore_seconds)
+        assert isinstance(clone.launch, RestoreClone) and clone.launch.restore_seconds is not None
+        restores.append(clone.launch.restore_seconds)
         clone.stop()
         say(f"ready {i + 1}/{runs}: boot {boots[-1]:.2f}s, clone {clones[-1]:.2f}s")
     return boots, clones, restores
@@ -131,7 +132,7 @@ def clone_cost(image: GuestImage) -> list[str]:
     clone = templates.start(config, name="cost")
     boot = MicroVM(config).start()
     try:
-        assert isinstance(clone, CloneVM)
+        assert isinstance(clone.launch, RestoreClone)
         rows = []
         for what, vm in (("clone", clone), ("boot", boot)):
             vm.run(["true"])
@@ -144,7 +145,7 @@ def clone_cost(image: GuestImage) -> list[str]:
                 f"{what}: QEMU RSS anon {anon:.1f} MiB, file {files:.1f} MiB, shared (guest RAM) {shared:.1f} MiB; "
                 f"guest RAM file allocated {ram / (1 << 20):.1f} MiB of {config.memory_mib} MiB"
             )
-        template = clone.template
+        template = clone.launch.template
         on_disk = sum(p.stat().st_blocks * 512 for p in template.directory.iterdir())
         rows.append(
             f"template on disk: {on_disk / (1 << 20):.1f} MiB allocated (RAM {template.ram.stat().st_size >> 20} MiB "

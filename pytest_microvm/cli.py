@@ -32,7 +32,7 @@ from pytest_microvm.image.kernel_build import check_build_tools
 from pytest_microvm.image.sources import KERNEL_HELP, describe_kernel
 from pytest_microvm.machine import QemuProcess, Share, VMConfig, choose, detect_host, qemu_argv, storage
 from pytest_microvm.machine.config import default_boot_timeout
-from pytest_microvm.machine.snapshot import Templates
+from pytest_microvm.machine.snapshot.policy import Templates
 from pytest_microvm.result import CommandResult
 
 

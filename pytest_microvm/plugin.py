@@ -12,7 +12,7 @@ Fixtures, smallest first — override the small ones in a conftest.py:
   need a fresh machine each
 
 A "fresh VM" is a clone of a snapshot template where the configuration allows
-(machine/snapshot.py; ``--microvm-snapshot off`` or ``@pytest.mark.microvm(snapshot=False)``
+(machine/snapshot/; ``--microvm-snapshot off`` or ``@pytest.mark.microvm(snapshot=False)``
 for a real boot), made ahead by a pool so that it is ready when the test starts.
 
 On a failed test each VM's console tail is attached to the report; with
@@ -42,7 +42,7 @@ from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_
 from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
 from pytest_microvm.machine.config import Share, default_boot_timeout
 from pytest_microvm.machine.pool import ClonePool
-from pytest_microvm.machine.snapshot import Templates
+from pytest_microvm.machine.snapshot.policy import Templates
 
 _VMS = pytest.StashKey[list[MicroVM]]()
 _CALL_FAILED = pytest.StashKey[bool]()

@@ -89,6 +89,7 @@ static struct {
 	int once;
 	const char *unix_path;
 	unsigned cid, port;
+	int port_is_cid; /* microvm.port=cid: the host listens on the port numbered as our CID */
 	char token[256];
 } cfg = { .cid = 2, .port = 1024 };
 
@@ -982,6 +983,20 @@ static void vsock_buffer(int fd)
 	setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &size, sizeof size);
 }
 
+/* This guest's vsock CID (the host's vhost-vsock device gives it; a snapshot clone is
+ * given a new one, which the guest driver rereads on the transport reset that follows
+ * the restore). VMADDR_CID_ANY when it cannot be read. */
+static unsigned local_cid(void)
+{
+	static int fd = -1;
+	unsigned cid = VMADDR_CID_ANY;
+	if (fd < 0)
+		fd = open("/dev/vsock", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0 && ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid) < 0)
+		cid = VMADDR_CID_ANY;
+	return cid;
+}
+
 static int try_connect(void)
 {
 	int fd;
@@ -997,6 +1012,8 @@ static int try_connect(void)
 			return fd;
 	} else {
 		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cfg.cid, .svm_port = cfg.port };
+		if (cfg.port_is_cid)
+			a.svm_port = local_cid(); /* asked each time: a restored clone has a new one */
 		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (fd >= 0)
 			vsock_buffer(fd);
@@ -1207,7 +1224,9 @@ static void pid1_setup(void)
 		fclose(f);
 	}
 	for (char *t = strtok(cmd, " \n"); t; t = strtok(NULL, " \n")) {
-		if (!strncmp(t, "microvm.port=", 13))
+		if (!strcmp(t, "microvm.port=cid"))
+			cfg.port_is_cid = 1;
+		else if (!strncmp(t, "microvm.port=", 13))
 			cfg.port = (unsigned)strtoul(t + 13, NULL, 10);
 		else if (!strncmp(t, "microvm.cid=", 12))
 			cfg.cid = (unsigned)strtoul(t + 12, NULL, 10);
@@ -1242,7 +1261,10 @@ static void pid1_setup(void)
 	if (s >= 0)
 		close(s);
 	sethostname("microvm", 7);
-	say("host is vsock %u:%u", cfg.cid, cfg.port);
+	if (cfg.port_is_cid)
+		say("host is vsock %u, port: this guest's CID (%u now)", cfg.cid, local_cid());
+	else
+		say("host is vsock %u:%u", cfg.cid, cfg.port);
 }
 
 static void power_off(void)
@@ -1266,7 +1288,8 @@ static int usage(void)
 			"       microvm-agent --connect CID:PORT | --listen PORT | --echo PORT\n"
 			"       microvm-agent --forward VSOCK_PORT TCP_PORT\n"
 			"       microvm-agent --mount-9p TAG PATH ro|rw [TAG PATH ro|rw ...]\n"
-			"  As PID 1 it reads microvm.port/cid/token from /proc/cmdline.\n"
+			"  As PID 1 it reads microvm.port/cid/token from /proc/cmdline (port=cid:\n"
+			"  the port numbered as the guest's own vsock CID).\n"
 			"  The tool modes relay stdin/stdout over one vsock connection (--echo:\n"
 			"  echo every connection back) for tests of the vsock path; --forward relays\n"
 			"  each vsock connection to a TCP port on the guest's loopback; --mount-9p\n"

@@ -14,6 +14,11 @@ Both flavours behave alike at this interface, so a test of one is a test of the 
 - ``connect(port, timeout)``: a connected stream socket; a guest that refuses (nothing
   listens) is :class:`~pytest_microvm.errors.ConnectionLost` at once, no answer within
   ``timeout`` is :class:`~pytest_microvm.errors.CommandTimeout`.
+
+Where they differ for snapshot clones is said here too, so that snapshot code never asks
+which flavour it has: whether the device can be saved with the guest
+(``device_migrates``), whether guest RAM must be shared with a process of ours
+(``shared_memory``), and where the agent connects (:meth:`Channel.listen_agent`).
 """
 
 from __future__ import annotations
@@ -90,6 +95,9 @@ class Channel(ABC):
     guest_cid: int
     # QEMU must put guest RAM in shared memory (a vhost-user backend maps it).
     shared_memory: bool = False
+    # The device can be saved with a guest and loaded into another QEMU (a snapshot
+    # clone keeps it); else a template is saved without it and each clone has it plugged.
+    device_migrates: bool = False
 
     @abstractmethod
     def start(self) -> None:
@@ -106,6 +114,14 @@ class Channel(ABC):
     @abstractmethod
     def listen(self, port: int | None = None) -> Listener:
         """Where this guest's connections to host port ``port`` arrive (see the module doc)."""
+
+    def listen_agent(self, port: int) -> tuple[Listener, str]:
+        """The listener the agent connects to, and the ``microvm.port=`` value that leads
+        the agent there (docs/protocol.md). By default ``listen(port)`` and its number:
+        right where each VM has ports of its own, so every clone of a template finds its
+        host at the template's port."""
+        listener = self.listen(port)
+        return listener, str(listener.port)
 
     @abstractmethod
     def connect(self, port: int, timeout: float = 10.0) -> socket.socket:

@@ -6,26 +6,39 @@ host port another process holds is traded for a free one (:func:`.base.bind_free
 Any guest on the host can connect to a host vsock port, so every accepted peer's CID is
 checked against this VM's; others are closed unheard and counted (the agent's token is
 the second check, in HELLO).
+
+The agent's own port is the guest's CID (``microvm.port=cid``): unique on the host while
+the VM lives, and found by a snapshot clone's agent on its own, since every clone of a
+template shares the template's kernel command line but not its CID. A CID is therefore
+claimed only together with its port (:meth:`KernelVsock.start`). ``vhost-vsock-pci``
+migrates, so a clone keeps the template's device and is launched with a CID of its own.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
+import random
 import socket
 import struct
 import time
 from types import TracebackType
 from typing import Any
 
-from pytest_microvm.channel.allocation import FIRST_CID, LAST_CID, Claim, claim_random
-from pytest_microvm.channel.base import Channel, bind_free, refused, unanswered
+from pytest_microvm.channel.allocation import LAST_CID, Claim, claim_random
+from pytest_microvm.channel.base import Channel, Listener, bind_free, refused, unanswered
 from pytest_microvm.errors import CommandTimeout, MicroVMError
 
 log = logging.getLogger(__name__)
 VMADDR_CID_HOST = 2
 DEFAULT_PORT = 1024
+# CIDs are drawn from here: each is also the agent's host port, and ports below 1024 need
+# CAP_NET_BIND_SERVICE. 0xFFFFFFFF is "any" for both.
+AGENT_CIDS = (DEFAULT_PORT + 1, LAST_CID)
+_CLAIM_ATTEMPTS = 32
+_rng = random.SystemRandom()  # where CIDs are drawn from (a test scripts a taken one)
 # SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD (a struct timeval): the kernel gives up a vsock connect
 # after 2 s by default, whatever timeout the caller asked for. Python's setsockopt only
 # passes integers for AF_VSOCK, so libc's is called directly.
@@ -118,14 +131,36 @@ class KernelVsock(Channel):
     """``vhost-vsock-pci`` with a claimed guest CID; the host's side is plain AF_VSOCK."""
 
     flavour = "kernel"
+    device_migrates = True
 
     def __init__(self) -> None:
         self.guest_cid = 0
         self._claim: Claim | None = None
+        self._agent: KernelVsockListener | None = None
 
     def start(self) -> None:
-        self._claim = claim_random("cid", FIRST_CID, LAST_CID)
-        self.guest_cid = self._claim.value
+        """Claim a guest CID whose host port is free too: the agent's listener is bound here."""
+        for _ in range(_CLAIM_ATTEMPTS):
+            claim = claim_random("cid", *AGENT_CIDS, rng=_rng)
+            try:
+                self._agent = KernelVsockListener(claim.value, claim.value)
+            except OSError as exc:
+                claim.release()
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue  # another program listens on that port: another CID
+            self._claim = claim
+            self.guest_cid = claim.value
+            return
+        raise MicroVMError(f"no guest CID with a free host port found in {_CLAIM_ATTEMPTS} tries")
+
+    def listen_agent(self, port: int) -> tuple[Listener, str]:
+        """The listener on the port numbered as the guest's CID (bound in start()); ``port``
+        does not apply: see the module docstring."""
+        if self._agent is None:
+            raise MicroVMError("the kernel vsock channel has no agent listener before start()")
+        listener, self._agent = self._agent, None  # the caller closes it
+        return listener, "cid"
 
     def device(self) -> tuple[str, dict[str, str]]:
         if self._claim is None:
@@ -142,6 +177,9 @@ class KernelVsock(Channel):
         return {"guest_cid": self.guest_cid}
 
     def stop(self) -> None:
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
         if self._claim is not None:
             self._claim.release()
             self._claim = None

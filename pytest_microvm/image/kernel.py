@@ -1,8 +1,10 @@
 """Kernel handling: the uncompressed vmlinux for PVH boot, and kernel modules in load order.
 
 Why vmlinux: under TCG, decompressing a bzImage's XZ payload costs about 3 s of a 5 s
-boot (DESIGN.md). QEMU boots an ELF vmlinux directly through its PVH entry point when
-the kernel has one (CONFIG_PVH, a Xen ELF note), so the builder extracts it once.
+boot (Debian's 6.1 kernel, QEMU 7.2, from QEMU's start to poweroff: 5.7 s with the
+bzImage on ``-M pc``, 2.5 s with the vmlinux it carries). QEMU boots an ELF vmlinux
+directly through its PVH entry point when the kernel has one (CONFIG_PVH, a Xen ELF
+note), so the builder extracts it once.
 """
 
 from __future__ import annotations

@@ -97,7 +97,9 @@ class VMConfig:
     qemu_args: tuple[str, ...] = ()
     boot_timeout: float = field(default_factory=lambda: default_boot_timeout())
     image: GuestImage | None = None  # default: build (or find in the cache) the default image
-    port: int = DEFAULT_PORT  # vsock port the agent connects to
+    # vsock port the agent connects to (each VM has its own on the userspace path; on the
+    # kernel path, where ports are host-wide, the agent's port is its guest CID instead).
+    port: int = DEFAULT_PORT
     keep: bool = False  # boot detached so it can outlive this process, and leave it running at stop()
     workdir: Path | None = None  # where the per-VM directory goes (default: the system temp dir)
     # A NIC on QEMU's user-mode network (guest 10.0.2.15, NAT to the host's network), with
@@ -110,7 +112,7 @@ class VMConfig:
     # Host directories in the guest, {guest path: host path or Share(host, readonly=True)},
     # mounted over virtio-9p once the agent is up.
     shares: Mapping[str, ShareSpec] = field(default_factory=dict)
-    # May this VM be a clone of a snapshot template (machine/snapshot.py) rather than a
+    # May this VM be a clone of a snapshot template (machine/snapshot/) rather than a
     # boot? Only where the configuration allows; False for a test that must see a boot.
     snapshot: bool = True
     # Module groups the agent loads besides those the root and shares need (image.kernel

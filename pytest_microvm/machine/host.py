@@ -2,7 +2,8 @@
 
 "Usable KVM" is more than /dev/kvm existing: on hosts that are themselves guests
 without nested hardware virtualisation, /dev/kvm may be backed by kvm_pvm, under which
-an ordinary guest kernel hangs (DESIGN.md). Such hosts get TCG, reported loudly.
+an ordinary guest kernel hangs (seen on Firecracker guests: SeaBIOS reaches "Booting from
+ROM", then nothing for a minute). Such hosts get TCG, reported loudly.
 """
 
 from __future__ import annotations

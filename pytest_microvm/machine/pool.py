@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pytest_microvm.machine import storage
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import HostReport, detect_host
-from pytest_microvm.machine.snapshot import Templates, why_not
+from pytest_microvm.machine.snapshot.key import why_not
+from pytest_microvm.machine.snapshot.policy import Templates
 from pytest_microvm.machine.vm import MicroVM, QemuArgsHook, Runstate
 
 log = logging.getLogger(__name__)

@@ -35,20 +35,25 @@ def qemu_argv(
     cmdline: Sequence[str] = (),
     shared_memory: bool = False,
     ram_file: str | None = None,
+    ram_shared: bool = True,
     no_reboot: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """QEMU arguments booting ``image``.
 
-    q35 with the PVH vmlinux: as fast as ``-M microvm`` under TCG once the kernel is
-    uncompressed (DESIGN.md: 1.85 s vs 1.82 s), and it has HPET, so it needs no
-    host-specific TSC frequency hint to boot reliably. ``-no-reboot`` with
+    q35 with the PVH vmlinux: measured under TCG (QEMU 7.2, the same uncompressed
+    kernel, an init that powers off at once, medians of 5), q35 reached poweroff in
+    1.85 s and ``-M microvm,pit=on,rtc=on`` in 1.82 s, but microvm hung in 2-5 boots of
+    10 when a loaded host made the guest's PIT calibration fail, unless given the host's
+    TSC frequency; q35 has an HPET and needs no such hint. ``-no-reboot`` with
     ``panic=-1`` turns a guest panic into an immediate QEMU exit.
 
     ``no_reboot=False`` lets a guest reboot in place (QEMU keeps running).
     ``shared_memory`` backs guest RAM with a shared memfd, which a vhost-user backend
     (the userspace vsock) needs to map the rings and buffers. ``ram_file`` backs it with
-    that file instead, shared too (snapshot templates and clones: machine/snapshot.py).
+    that file instead: shared (a snapshot template writes its RAM into it), or with
+    ``ram_shared=False`` mapped private, copy-on-write (a clone on the kernel path reads
+    its template's RAM and pays only for the pages it writes: machine/snapshot/).
     """
     append = ["console=ttyS0", "panic=-1", "quiet", *cmdline]
     machine = f"q35,accel={accel}"
@@ -56,7 +61,8 @@ def qemu_argv(
     if ram_file is not None:
         machine += ",memory-backend=mem"
         path = _qemu_path(Path(ram_file))
-        memory = ["-object", f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={path},share=on"]
+        share = "on" if ram_shared else "off"
+        memory = ["-object", f"memory-backend-file,id=mem,size={memory_mib}M,mem-path={path},share={share}"]
     elif shared_memory:
         machine += ",memory-backend=mem"
         memory = ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"]
@@ -83,10 +89,12 @@ def qemu_argv(
 @dataclass(frozen=True)
 class Layout:
     """What differs between a boot, a snapshot template and a clone on the command line:
-    the RAM file (None: anonymous or memfd), device arguments, descriptors QEMU inherits."""
+    the RAM file (None: anonymous or memfd) and whether it is shared, device arguments,
+    descriptors QEMU inherits."""
 
     args: list[str] = field(default_factory=list)
     ram_file: str | None = None
+    ram_shared: bool = True
     pass_fds: tuple[int, ...] = ()
 
 

@@ -1,4 +1,4 @@
-"""QMP through qemu.qmp: the VM's status, pause/resume, and quit.
+"""QMP through qemu.qmp: the VM's status, pause/resume and quit, devices, and migration.
 
 QEMU serves its monitor on a Unix socket (``server=on,wait=off``) and we connect once the
 guest is up: by then the socket certainly exists, and a QEMU that fails early leaves no
@@ -104,6 +104,41 @@ class Monitor:
 
     def quit(self) -> None:
         self.command("quit")
+
+    # ---- devices (a snapshot's vsock device is plugged and unplugged at run time) ----------
+
+    def device_add(self, driver: str, id: str, **props: str) -> None:
+        self.command("device_add", driver=driver, id=id, **props)
+
+    def device_del(self, id: str) -> None:
+        """Ask the guest to release device ``id``; it is gone once :meth:`peripherals` lacks it."""
+        self.command("device_del", id=id)
+
+    def peripherals(self) -> set[str]:
+        """The ids of the devices given an id (``-device ...,id=`` or ``device_add``)."""
+        return {p["name"] for p in self.command("qom-list", path="/machine/peripheral")["return"]}
+
+    # ---- migration: how snapshot templates are saved and clones restored --------------------
+
+    def set_migration_capabilities(self, **capabilities: bool) -> None:
+        """e.g. ``x_ignore_shared=True`` (``_`` for QMP's ``-``)."""
+        caps = [{"capability": name.replace("_", "-"), "state": state} for name, state in capabilities.items()]
+        self.command("migrate-set-capabilities", capabilities=caps)
+
+    def migrate(self, uri: str) -> None:
+        """Start saving the (stopped) guest to ``uri``; :meth:`migration` says when it ends."""
+        self.command("migrate", uri=uri)
+
+    def migrate_incoming(self, uri: str) -> None:
+        """Start loading a saved guest from ``uri`` (QEMU started with ``-incoming defer``)."""
+        self.command("migrate-incoming", uri=uri)
+
+    def migration(self) -> tuple[str, str]:
+        """The migration's status (``active``, ``completed``, ``failed``, …) and QEMU's reason
+        when it failed."""
+        info = self.command("query-migrate")["return"]
+        status = str(info.get("status", "none"))
+        return status, str(info.get("error-desc", status))
 
     def close(self) -> None:
         # After a Ctrl-C inside one of qemu.qmp's calls its session is in an unknown state,

@@ -5,6 +5,10 @@ Owns the VM's lifecycle: a private work directory, the vsock channel (one
 its console and QMP, the agent connection, and the bounded shutdown. Every exit path —
 success, failure, Ctrl-C, timeout, guest panic — goes through :meth:`MicroVM.stop`,
 which leaves no process, socket or directory behind.
+
+How the guest comes to life — a boot, a snapshot template's boot, a clone's restore — is
+the VM's :class:`~pytest_microvm.machine.launch.Launch` strategy; this module never asks
+which one it holds.
 """
 
 from __future__ import annotations
@@ -24,8 +28,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tenacity import retry, retry_if_exception, stop_after_attempt
-
 from pytest_microvm.channel import Channel, Listener, open_channel
 from pytest_microvm.client import AgentClient, Command, Process, connect_agent, summarize
 from pytest_microvm.errors import (
@@ -37,10 +39,12 @@ from pytest_microvm.errors import (
     MicroVMError,
 )
 from pytest_microvm.image import GuestImage
+from pytest_microvm.machine import launch as launches
 from pytest_microvm.machine import network, storage
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import Choice, HostReport, choose, detect_host
-from pytest_microvm.machine.qemu import CONSOLE_TAIL, Layout, QemuProcess, device_args, qemu_argv
+from pytest_microvm.machine.launch import Boot, Launch
+from pytest_microvm.machine.qemu import CONSOLE_TAIL, QemuProcess, qemu_argv
 from pytest_microvm.machine.qmp import Monitor, MonitorError
 from pytest_microvm.result import CommandResult
 
@@ -89,9 +93,10 @@ class MicroVM:
 
     >>> with MicroVM(VMConfig(memory_mib=256)) as vm:
     ...     vm.run(["uname", "-r"]).stdout
-    """
 
-    mounts_shares = True  # mount config.shares once the agent is up (a snapshot template does not)
+    ``launch``: how it comes to life (default: a :class:`~.launch.Boot`); a snapshot clone
+    is a MicroVM with a clone's launch (``vm.cloned``).
+    """
 
     def __init__(
         self,
@@ -100,8 +105,10 @@ class MicroVM:
         host: HostReport | None = None,
         qemu_args_hook: QemuArgsHook | None = None,
         name: str = "vm",
+        launch: Launch | None = None,
     ) -> None:
         self.config = config or VMConfig()
+        self.launch = launch or Boot()
         self.name = name
         self.log = log.getChild(name)
         self._host = host
@@ -123,6 +130,11 @@ class MicroVM:
         # Where commands without a cwd start: the host's cwd in host-userland mode, else "/".
         self.default_cwd: str | None = None
 
+    @property
+    def cloned(self) -> bool:
+        """True if this VM is a clone of a snapshot template, not a boot of its own."""
+        return self.launch.cloned
+
     def rename(self, name: str) -> None:
         """Give a VM made ahead (a pooled clone) the name its user knows it by."""
         self.name = name
@@ -135,6 +147,7 @@ class MicroVM:
         if self.runstate is not Runstate.CREATED:
             raise MicroVMError(f"{self.name}: start() in state {self.runstate.value}; a MicroVM boots once")
         self.runstate = Runstate.STARTING
+        self.launch.attach(_Context(self))
         try:
             # Built (or found in the cache) before the clock starts: a first build of a
             # root must not eat the boot timeout, and ready_seconds is the boot alone.
@@ -166,11 +179,11 @@ class MicroVM:
         self.monitor = Monitor(self._sockdir / "qmp.sock")
         self.channel = open_channel(self.choice.vsock, self._sockdir, die_with_parent=not cfg.keep)
         self.channel.start()
-        # The agent learns its port from the kernel command line: cfg.port, or a free one
-        # when another VM on the host has it (kernel vsock ports are host-wide).
-        self._listener = self.channel.listen(cfg.port)
-        port = self._listener.port
-        layout = self._layout(self.channel.device())
+        # The agent learns where to connect from the kernel command line (the channel
+        # says what to write there: on the kernel path ports are host-wide).
+        self._listener, port_arg = self.channel.listen_agent(cfg.port)
+        layout = self.launch.layout()
+        hello_token = self.launch.hello_token or self.token
         assert host.qemu is not None
         console = self.workdir / "console.log"
         argv = qemu_argv(
@@ -181,13 +194,14 @@ class MicroVM:
             memory_mib=cfg.memory_mib,
             vcpus=cfg.vcpus,
             cmdline=[
-                f"microvm.token={self.token}",
-                f"microvm.port={port}",
+                f"microvm.token={hello_token}",
+                f"microvm.port={port_arg}",
                 *storage.cmdline(image, cfg),
                 *cfg.kernel_cmdline,
             ],
             shared_memory=self.channel.shared_memory,
             ram_file=layout.ram_file,
+            ram_shared=layout.ram_shared,
             extra=[
                 *self.channel.qemu_args(),
                 *layout.args,
@@ -204,39 +218,28 @@ class MicroVM:
         )
         self.qemu.start()
         deadline = started + cfg.boot_timeout
-        self._launched(deadline)
+        kind = self.launch.failure_kind
+        self.launch.launched(deadline)
         # Waiting for the agent also watches QEMU, the console and the backend, so a QEMU
         # that refused its arguments is reported at once, with its stderr.
-        self._client = self._await_agent(deadline)
-        self._connected(self._client)
+        self._client = self._await_agent(hello_token, *self.launch.agent_deadline(deadline))
+        self.token = self.launch.connected(self._client) or self.token
         try:
             self._client.probe(timeout=max(1.0, deadline - time.monotonic()))
         except MicroVMError as exc:
-            raise self._failure(f"the probe failed: {exc}", BootError) from exc
+            raise self._failure(f"the probe failed: {exc}", kind) from exc
         try:
             self.monitor.connect()  # QEMU made its monitor socket long before the guest was up
         except MonitorError as exc:
-            raise self._failure(f"QEMU's monitor did not answer ({exc})", BootError) from exc
-        mount = storage.mount_command(cfg) if self.mounts_shares else None
+            raise self._failure(f"QEMU's monitor did not answer ({exc})", kind) from exc
+        mount = storage.mount_command(cfg) if self.launch.mounts_shares else None
         if mount is not None:
             r = self._client.run(mount, timeout=30)
             if r.exit_code != 0:
-                raise self._failure(f"mounting the shares failed: {r.stderr.decode(errors='replace')}", BootError)
+                raise self._failure(f"mounting the shares failed: {r.stderr.decode(errors='replace')}", kind)
         if cfg.network:
             self._setup_network()
-        self._write_state(port)
-
-    # ---- what snapshot templates and clones change (machine/snapshot.py) ----------------
-
-    def _layout(self, vsock_device: tuple[str, dict[str, str]]) -> Layout:
-        """Where guest RAM lives and which devices QEMU starts with: a boot has the vsock."""
-        return Layout(args=device_args(vsock_device[0], **vsock_device[1]))
-
-    def _launched(self, deadline: float) -> None:
-        """QEMU runs; the agent has not connected yet. A clone is restored here."""
-
-    def _connected(self, client: AgentClient) -> None:
-        """The agent said HELLO; the probe has not run yet. A clone takes its identity here."""
+        self._write_state(self._listener.port)
 
     def _setup_network(self) -> None:
         assert self._client is not None and self.monitor is not None
@@ -253,28 +256,30 @@ class MicroVM:
         if missing:
             raise self._failure(f"QEMU did not forward guest port(s) {sorted(missing)}: {info}", BootError)
 
-    def _await_agent(self, deadline: float, *, limit: float | None = None) -> AgentClient:
-        """Accept the agent's connection, watching QEMU, the console and the backend meanwhile.
+    def _await_agent(self, token: str, deadline: float, limit: float | None) -> AgentClient:
+        """Accept the agent's connection (saying ``token``), watching QEMU, the console and
+        the backend meanwhile.
 
-        ``limit``: the wait an error names (default: the boot timeout ``deadline`` comes from).
+        ``limit``: the wait an error names (None: the boot timeout ``deadline`` comes from).
         """
         assert self._listener is not None and self.qemu is not None
+        kind = self.launch.failure_kind
         refused: list[str] = []
         try:
             # A peer with the wrong CID or token is not our guest: keep waiting for ours,
             # and say what was turned away if ours never comes.
             return connect_agent(
                 self._listener,
-                token=self.token,
+                token=token,
                 timeout=deadline - time.monotonic(),
                 name=self.name,
-                watch=lambda: self._raise_if_dead(BootError),
+                watch=lambda: self._raise_if_dead(kind),
                 refused=refused,
             )
         except CommandTimeout:
             waited = self.config.boot_timeout if limit is None else limit
             why = f" (turned away: {summarize(refused)})" if refused else ""
-            raise self._failure(f"the agent did not connect within {waited:.0f}s{why}", BootError) from None
+            raise self._failure(f"the agent did not connect within {waited:.0f}s{why}", kind) from None
 
     def _raise_if_dead(self, kind: type[GuestError]) -> None:
         assert self.qemu is not None
@@ -346,6 +351,7 @@ class MicroVM:
                 self._listener.close()
             if self.channel is not None:
                 self.channel.stop()
+            self.launch.release()
             for directory in (self._sockdir, self.workdir):
                 if directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)
@@ -543,16 +549,72 @@ class MicroVM:
         return self._channel().listen(port)
 
 
-def _cid_in_use(exc: BaseException) -> bool:
-    return isinstance(exc, BootError) and "guest cid: Address already in use" in exc.qemu_stderr
+class _Context:
+    """A MicroVM as its launch strategy sees it (:class:`~.launch.LaunchContext`)."""
+
+    def __init__(self, vm: MicroVM) -> None:
+        self._vm = vm
+
+    @property
+    def name(self) -> str:
+        return self._vm.name
+
+    @property
+    def config(self) -> VMConfig:
+        return self._vm.config
+
+    @property
+    def workdir(self) -> Path:
+        assert self._vm.workdir is not None
+        return self._vm.workdir
+
+    @property
+    def channel(self) -> Channel:
+        assert self._vm.channel is not None
+        return self._vm.channel
+
+    @property
+    def monitor(self) -> Monitor:
+        assert self._vm.monitor is not None
+        return self._vm.monitor
+
+    @property
+    def qemu(self) -> QemuProcess:
+        assert self._vm.qemu is not None
+        return self._vm.qemu
+
+    def connect_monitor(self, until: float) -> None:
+        # QEMU makes its monitor socket a moment after it starts, and listens on it a moment
+        # after that: knock first (a refused knock costs nothing), then speak QMP.
+        while True:
+            self.raise_if_dead(self._vm.launch.failure_kind)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
+                try:
+                    knock.connect(str(self.monitor.path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > until:
+                        raise MonitorError(f"QEMU did not open its monitor at {self.monitor.path}") from None
+            time.sleep(0.002)
+        self.monitor.connect()
+
+    def disconnect_agent(self) -> None:
+        if self._vm._listener is not None:
+            self._vm._listener.close()
+        if self._vm._client is not None:
+            self._vm._client.close()
+
+    def failure(self, message: str, kind: type[GuestError]) -> GuestError:
+        return self._vm._failure(message, kind)
+
+    def raise_if_dead(self, kind: type[GuestError]) -> None:
+        self._vm._raise_if_dead(kind)
+
+    def wait_exit(self, until: float) -> bool:
+        return self._vm._wait_exit(until)
 
 
 def boot(config: VMConfig | None = None, **kwargs: Any) -> MicroVM:
-    """Start a MicroVM; with kernel vhost-vsock, retry with a new guest CID when the kernel
-    says the CID is taken (by a program that is not ours, so our lock files cannot know)."""
-
-    @retry(retry=retry_if_exception(_cid_in_use), stop=stop_after_attempt(5), reraise=True)
-    def attempt() -> MicroVM:
-        return MicroVM(config, **kwargs).start()
-
-    return attempt()
+    """Start a MicroVM (a boot); with kernel vhost-vsock, again with a new guest CID when
+    the host's kernel says the CID is taken (:func:`~.launch.start`)."""
+    return launches.start(lambda: MicroVM(config, **kwargs))

@@ -36,3 +36,12 @@ def path_params() -> list[Any]:
             marks=[pytest.mark.kernel_vsock, pytest.mark.skipif(bool(missing), reason=missing or "-")],
         ),
     ]
+
+
+def path_launch_params(launches: tuple[str, ...] = ("boot", "clone")) -> list[Any]:
+    """``params=`` of (path, launch) pairs: a VM on each path, booted or a snapshot clone."""
+    return [
+        pytest.param((path.values[0], how), id=f"{path.id}-{how}", marks=path.marks)
+        for path in path_params()
+        for how in launches
+    ]

@@ -1,12 +1,16 @@
-"""Snapshot templates and clones with real QEMU guests (TCG + the userspace vsock here):
-clones are ready, independent and each their own (clock, RNG, token, vmgenid), and every
-way a template or a restore can fail ends in a working VM with a warning that says why."""
+"""Snapshot templates and clones with real QEMU guests, on both vsock paths (the userspace
+backend here; kernel vhost-vsock inside scripts/nested): clones are ready, independent and
+each their own (clock, RNG, token, vmgenid), the template's RAM stays as it was saved, and
+every way a template or a restore can fail ends in a working VM with a warning that says why."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -18,15 +22,16 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import GuestImage, MicroVM, VMConfig
-from pytest_microvm.machine import HostReport
+from pytest_microvm.channel import kernel
+from pytest_microvm.machine import HostReport, launch
+from pytest_microvm.machine.launch import LaunchContext
 from pytest_microvm.machine.pool import ClonePool
-from pytest_microvm.machine.snapshot import (
-    CloneVM,
-    Templates,
-    template_key,
-    templates_dir,
-)
-from tests.agent_harness import processes_mentioning
+from pytest_microvm.machine.snapshot.key import template_key
+from pytest_microvm.machine.snapshot.policy import Templates
+from pytest_microvm.machine.snapshot.store import Template, templates_dir
+from pytest_microvm.machine.snapshot.strategies import HOTPLUG_PORT, VSOCK_ID, PluggedVsock, RestoreClone
+from tests.agent_harness import processes_mentioning, reaping
+from tests.integration.paths import needs_kernel_path, path_params
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +54,39 @@ def _generation_id(vm: MicroVM) -> str:
     return str(vm.monitor.command("query-vm-generation-id")["return"]["guid"])
 
 
-def test_fifty_clones_in_a_row_are_ready_and_independent(templates: Templates, config: VMConfig) -> None:
+def _restore(vm: MicroVM) -> RestoreClone:
+    """The clone's launch: which template, which vmgenid."""
+    assert vm.cloned and isinstance(vm.launch, RestoreClone), f"{vm.name} booted instead of cloning"
+    return vm.launch
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# 50 on the userspace path; 20 on the kernel path, whose clones run as guests inside a TCG guest.
+@pytest.mark.parametrize(
+    ("path", "count"),
+    [pytest.param(p.values[0], 50 if p.id == "userspace" else 20, id=p.id, marks=p.marks) for p in path_params()],
+)
+def test_clones_in_a_row_are_fresh_and_their_own(templates: Templates, config: VMConfig, path: str, count: int) -> None:
+    workroot = Path(tempfile.mkdtemp(prefix="row-", dir="/tmp"))  # every VM's argv names it
+    config = config.with_(vsock=path, workdir=workroot)
+    shm_before = set(os.listdir("/dev/shm"))
     pool = ClonePool(templates, size=1)
-    seen: dict[str, set[str]] = {"uuid": set(), "token": set(), "vmgenid": set(), "random": set()}
+    seen: dict[str, set[str]] = {"uuid": set(), "token": set(), "vmgenid": set(), "random": set(), "cid": set()}
+    template: Template | None = None
     try:
-        for i in range(50):
+        for i in range(count):
             vm = pool.take(config, name=f"clone{i}")
             try:
-                assert isinstance(vm, CloneVM), f"clone {i} booted instead"
+                template = _restore(vm).template
+                if i == 0:
+                    saved = _digest(template.ram)
                 # What the previous clone wrote is not here: each starts from the template.
                 assert _guest(vm, "ls /tmp; test ! -e /tmp/written-by-a-clone && echo fresh").endswith("fresh")
                 _guest(vm, f"echo {i} > /tmp/written-by-a-clone")
@@ -64,23 +94,36 @@ def test_fifty_clones_in_a_row_are_ready_and_independent(templates: Templates, c
                 seen["random"].add(_guest(vm, "head -c 16 /dev/urandom | od -An -tx1"))
                 seen["token"].add(vm.token)
                 seen["vmgenid"].add(_generation_id(vm))
+                assert vm.channel is not None
+                seen["cid"].add(str(vm.channel.guest_cid))
+                before = time.time()
+                guest = int(_guest(vm, "date +%s"))  # busybox date: whole seconds
+                assert int(before) - 1 <= guest <= time.time() + 1, "the clone's clock is not the host's"
             finally:
                 vm.stop()
     finally:
         pool.close()
-    assert {name: len(values) for name, values in seen.items()} == dict.fromkeys(seen, 50)
+        shutil.rmtree(workroot, ignore_errors=True)
+    unique = {name: len(values) for name, values in seen.items()}
+    # Each clone is its own; on the userspace path every VM has its own CID space (guest CID 3).
+    assert unique == {**dict.fromkeys(seen, count), "cid": count if path == "kernel" else 1}
+    # The clones ran on the template's RAM (copied, or mapped copy-on-write): it is as saved.
+    assert template is not None and _digest(template.ram) == saved
+    assert processes_mentioning(str(workroot)) == {}
+    assert set(os.listdir("/dev/shm")) - shm_before == set()  # no RAM file left
 
 
 def test_two_clones_differ_in_what_makes_them_unique(templates: Templates, config: VMConfig) -> None:
     a = templates.start(config, name="a")
     b = templates.start(config, name="b")
     try:
-        assert isinstance(a, CloneVM) and isinstance(b, CloneVM) and a.template == b.template
+        ra, rb = _restore(a), _restore(b)
+        assert ra.template == rb.template
         # The same memory was restored twice; the kernel's RNG and UUIDs must still differ.
         for command in ("cat /proc/sys/kernel/random/uuid", "head -c 32 /dev/urandom | od -An -tx1"):
             assert _guest(a, command) != _guest(b, command)
-        assert a.token != b.token and a.token != a.template.token
-        assert _generation_id(a) == a.vmgenid and _generation_id(b) == b.vmgenid and a.vmgenid != b.vmgenid
+        assert a.token != b.token and a.token != ra.template.token
+        assert _generation_id(a) == ra.vmgenid and _generation_id(b) == rb.vmgenid and ra.vmgenid != rb.vmgenid
         # The guest kernel has the vmgenid driver bound, so its software hears of the change.
         assert _guest(a, "ls /sys/bus/acpi/drivers/vmgenid/ | grep -c QEMUVGID") == "1"
     finally:
@@ -95,7 +138,7 @@ def test_a_clone_keeps_no_stale_clock(config: VMConfig, tmp_path: Path, caplog: 
     time.sleep(3)  # the template's saved clock is now 3 s behind
     vm = templates.start(config, name="clone")
     try:
-        assert isinstance(vm, CloneVM)
+        assert vm.cloned
         before = time.time()
         guest = int(_guest(vm, "date +%s"))  # busybox date: whole seconds
         after = time.time()
@@ -108,7 +151,7 @@ def test_shares_are_mounted_after_the_restore(templates: Templates, config: VMCo
     (tmp_path / "hello.txt").write_text("from the host\n")
     vm = templates.start(config.with_(shares={"/mnt/src": tmp_path}), name="shared")
     try:
-        assert isinstance(vm, CloneVM)
+        assert vm.cloned
         assert _guest(vm, "cat /mnt/src/hello.txt") == "from the host"
         _guest(vm, "echo back > /mnt/src/from-guest.txt")
         assert (tmp_path / "from-guest.txt").read_text() == "back\n"
@@ -119,7 +162,7 @@ def test_shares_are_mounted_after_the_restore(templates: Templates, config: VMCo
 def test_snapshot_false_boots(templates: Templates, config: VMConfig) -> None:
     vm = templates.start(config.with_(snapshot=False), name="booted")
     try:
-        assert type(vm) is MicroVM and vm.run(["true"]).exit_code == 0
+        assert not vm.cloned and vm.run(["true"]).exit_code == 0
     finally:
         vm.stop()
 
@@ -135,15 +178,70 @@ def test_a_new_qemu_version_makes_a_new_template(
     templates = Templates(tmp_path)
     for report in (host, upgraded):
         vm = templates.start(config, host=report, name="v")
-        assert isinstance(vm, CloneVM)
+        assert vm.cloned
         vm.stop()
     assert len([d for d in templates_dir(tmp_path).iterdir() if d.is_dir()]) == 2
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_a_corrupt_state_file_is_discarded_and_remade(
-    config: VMConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+@needs_kernel_path
+def test_a_clone_whose_cid_is_taken_retries_with_another(
+    templates: Templates, config: VMConfig, host: HostReport, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    config = config.with_(vsock="kernel")
+    templates.start(config, name="first").stop()  # the template exists: what follows is a clone's start
+    # A guest CID held by a VM that is not ours: our lock files cannot know it, QEMU says so.
+    taken = random.randint(*kernel.AGENT_CIDS)
+    assert host.qemu is not None
+    squatter = subprocess.Popen(
+        [host.qemu, "-M", "q35", "-nodefaults", "-display", "none", "-S",
+         "-device", f"vhost-vsock-pci,guest-cid={taken}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "/dev/vhost-vsock" not in _open_files(squatter.pid):  # it holds the CID from here on
+            assert squatter.poll() is None and time.monotonic() < deadline, squatter.stderr
+            time.sleep(0.05)
+        drawn = iter([taken])
+
+        class Scripted(random.Random):
+            def randint(self, a: int, b: int) -> int:
+                return next(drawn, None) or super().randint(a, b)
+
+        monkeypatch.setattr(kernel, "_rng", Scripted())
+        vm = templates.start(config, name="retried")
+        try:
+            assert vm.cloned and vm.channel is not None
+            assert vm.channel.guest_cid != taken and next(drawn, None) is None  # it drew the taken one first
+            assert vm.run(["true"]).exit_code == 0
+        finally:
+            vm.stop()
+    finally:
+        squatter.kill()
+        squatter.communicate()
+
+
+def _open_files(pid: int) -> set[str]:
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
+# Each damage on the userspace path; one on the kernel path, where each template is a boot
+# of a guest inside a TCG guest.
+@pytest.mark.parametrize(
+    ("path", "damage"),
+    [
+        *[pytest.param("userspace", damage, id=f"userspace-{damage}") for damage in ("truncated", "garbage")],
+        *[pytest.param("kernel", "garbage", id="kernel-garbage", marks=p.marks) for p in path_params()[1:]],
+    ],
+)
+def test_a_corrupt_state_file_is_discarded_and_remade(
+    config: VMConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str, path: str
+) -> None:
+    config = config.with_(vsock=path)
     templates = Templates(tmp_path)
     templates.start(config, name="first").stop()
     (state,) = templates_dir(tmp_path).glob("*/state")
@@ -152,7 +250,7 @@ def test_a_corrupt_state_file_is_discarded_and_remade(
     with caplog.at_level(logging.WARNING, logger="pytest_microvm"):
         vm = templates.start(config, name="after")
     try:
-        assert isinstance(vm, CloneVM), "the remade template should restore"
+        assert vm.cloned, "the remade template should restore"
         assert vm.run(["true"]).exit_code == 0
         assert "making it again" in caplog.text
         assert state.read_bytes() != data[: len(data) // 3] and state.stat().st_size > 0
@@ -160,23 +258,27 @@ def test_a_corrupt_state_file_is_discarded_and_remade(
         vm.stop()
 
 
+class RefusedHotplug(PluggedVsock):
+    """A hot-plug QEMU refuses (a driver that does not exist): stands for any restore fault."""
+
+    def after_restore(self, ctx: LaunchContext) -> None:
+        ctx.monitor.device_add("no-such-vsock-device", VSOCK_ID, bus=HOTPLUG_PORT)
+
+
 def test_a_restore_that_fails_twice_boots_with_a_warning(
-    config: VMConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    config: VMConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A hot-plug QEMU refuses (a driver that does not exist) stands for any restore fault.
-    real_layout = CloneVM._layout
+    def restore(config: VMConfig, template: Template, host: HostReport, name: str) -> MicroVM:
+        clone = RestoreClone(template, vsock=RefusedHotplug())
+        return launch.start(lambda: MicroVM(config, host=host, name=name, launch=clone))
 
-    def broken_layout(self: CloneVM, device: tuple[str, dict[str, str]]) -> object:
-        return real_layout(self, ("no-such-vsock-device", device[1]))
-
-    monkeypatch.setattr(CloneVM, "_layout", broken_layout)
-    templates = Templates(tmp_path)
+    templates = Templates(tmp_path, restore=restore)
     with caplog.at_level(logging.WARNING, logger="pytest_microvm"):
         vm = templates.start(config, name="fallback")
         vm.stop()
         again = templates.start(config, name="fallback2")  # no third try: boots at once
         again.stop()
-    assert type(vm) is MicroVM and type(again) is MicroVM
+    assert not vm.cloned and not again.cloned
     warnings = [r.getMessage() for r in caplog.records if "booting instead of cloning" in r.getMessage()]
     assert len(warnings) == 1 and "failed twice" in warnings[0] and "no-such-vsock-device" in warnings[0]
 
@@ -193,7 +295,7 @@ def test_a_small_shm_boots_with_a_warning_naming_the_size(
         with caplog.at_level(logging.WARNING, logger="pytest_microvm"):
             vm = Templates().start(config, name="small")
         vm.stop()
-        assert type(vm) is MicroVM
+        assert not vm.cloned
         assert f"a clone needs {config.memory_mib} MiB" in caplog.text and str(small) in caplog.text
     finally:
         subprocess.run(["umount", str(small)], check=True)
@@ -209,11 +311,15 @@ def test_two_processes_make_one_template(config: VMConfig, tmp_path: Path, host:
         from pytest_microvm import VMConfig
         from pytest_microvm.image import GuestImage
         from pytest_microvm.machine import detect_host
-        from pytest_microvm.machine.snapshot import make_template, template_key
+        from pytest_microvm.machine.snapshot.key import template_key
+        from pytest_microvm.machine.snapshot.store import make_template
+        from pytest_microvm.machine.snapshot.strategies import save_template
         image = GuestImage.load(Path({str(config.image.directory)!r}))
         config = VMConfig(image=image)
         host = detect_host()
-        t = make_template(config, image, host, template_key(config, image, host), Path({str(tmp_path)!r}))
+        key = template_key(config, image, host)
+        save = lambda staging: save_template(config, image, host, staging)
+        t = make_template(key, config.memory_mib, save, Path({str(tmp_path)!r}))
         print("TEMPLATE", t.directory, t.token)
         """
     )
@@ -221,7 +327,8 @@ def test_two_processes_make_one_template(config: VMConfig, tmp_path: Path, host:
         subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    with reaping(*procs):
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     results = {line for out in outputs for line in out.splitlines() if line.startswith("TEMPLATE")}
     assert len(results) == 1, outputs  # both got the same template (same directory, same token)
@@ -233,18 +340,17 @@ def test_two_processes_make_one_template(config: VMConfig, tmp_path: Path, host:
 
 PLUGIN_SUITE = """
 import pytest
-from pytest_microvm.machine.snapshot import CloneVM
 
 def test_fixture_is_a_clone(microvm):
-    assert isinstance(microvm, CloneVM)
+    assert microvm.cloned
 
 @pytest.mark.microvm(snapshot=False)
 def test_marker_boots(microvm):
-    assert not isinstance(microvm, CloneVM)
+    assert not microvm.cloned
 
 def test_factory_clones(microvm_factory):
     a, b = microvm_factory(), microvm_factory()
-    assert isinstance(a, CloneVM) and isinstance(b, CloneVM) and a.token != b.token
+    assert a.cloned and b.cloned and a.token != b.token
 
 def test_module_vm_first(microvm_module):
     microvm_module.run("echo kept > /tmp/kept")

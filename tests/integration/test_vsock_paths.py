@@ -1,10 +1,11 @@
 """Both vsock paths, one test code: everything a test does on one path it does on the other.
 
 Every test that takes the ``vm`` fixture runs on the userspace backend and on kernel
-vhost-vsock (the fixture's parameter); the last test is the kernel path's alone (its
-listeners' CID check). The kernel path needs a usable /dev/vhost-vsock (KVM is not
-needed): this machine has none, so CI runs those cases inside a nested guest that has it
-(``scripts/nested``, the ``kernel_vsock`` marker); here they skip and say why.
+vhost-vsock, each on a booted VM and on a snapshot clone (the fixture's parameter); the
+last test is the kernel path's alone (its listeners' CID check). The kernel path needs a
+usable /dev/vhost-vsock (KVM is not needed): this machine has none, so CI runs those
+cases inside a nested guest that has it (``scripts/nested``, the ``kernel_vsock``
+marker); here they skip and say why.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ from collections.abc import Iterator
 import pytest
 
 from pytest_microvm import BootError, CommandTimeout, ConnectionLost, GuestImage, MicroVM, VMConfig
-from tests.integration.paths import needs_kernel_path, path_params
+from pytest_microvm.machine.snapshot.policy import Templates
+from tests.integration.paths import needs_kernel_path, path_launch_params
 
 
-@pytest.fixture(scope="module", params=path_params())
+@pytest.fixture(scope="module", params=path_launch_params())
 def vm(request: pytest.FixtureRequest, microvm_image: GuestImage) -> Iterator[MicroVM]:
-    # snapshot=False: the userspace path would otherwise clone; these tests are about the channel.
-    with MicroVM(VMConfig(image=microvm_image, vsock=request.param, snapshot=False), name=request.param) as machine:
-        assert machine.choice is not None and machine.choice.vsock == request.param
+    path, how = request.param
+    config = VMConfig(image=microvm_image, vsock=path, snapshot=how == "clone")
+    machine = Templates().start(config, name=f"{path}-{how}")
+    try:
+        assert machine.choice is not None and machine.choice.vsock == path
+        assert machine.cloned == (how == "clone"), "a clone was asked for, and this host can make one"
         yield machine
+    finally:
+        machine.stop()
 
 
 def connect_when_listening(vm: MicroVM, port: int, timeout: float = 60.0) -> socket.socket:
@@ -102,8 +109,10 @@ def test_tcp_reaches_a_guest_service(vm: MicroVM) -> None:
         assert conn.recv(100) == b"served\n"
 
 
+# A boot's time to its agent bounds the wait below: the booted VMs only.
+@pytest.mark.parametrize("vm", path_launch_params(("boot",)), indirect=True)
 def test_a_guest_with_the_wrong_token_is_turned_away(vm: MicroVM) -> None:
-    assert vm.choice is not None and vm.ready_seconds is not None
+    assert vm.choice is not None and vm.ready_seconds is not None and not vm.cloned
     # Long enough for this host to boot the guest to its agent (measured on the module's
     # VM, with room for a busier host), so the timeout can only come from the refusal.
     wait = max(30.0, 2 * vm.ready_seconds + 30)

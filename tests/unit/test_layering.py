@@ -78,6 +78,13 @@ def test_no_import_cycles_between_modules() -> None:
         ("pytest_microvm.client", ("pytest_microvm.machine", "pytest_microvm.plugin", "pytest_microvm.cli")),
         ("pytest_microvm.machine.ssh", ("pytest_microvm.machine.vm", "pytest_microvm.machine.snapshot")),
         ("pytest_microvm.image", ("pytest_microvm.machine", "pytest_microvm.channel", "pytest_microvm.client")),
+        # The lifecycle knows launch strategies only through their interface, never which one.
+        ("pytest_microvm.machine.vm", ("pytest_microvm.machine.snapshot",)),
+        ("pytest_microvm.machine.launch", ("pytest_microvm.machine.vm", "pytest_microvm.machine.snapshot")),
+        # Templates on disk and a clone's RAM are data: they start no VM.
+        ("pytest_microvm.machine.snapshot.store", ("pytest_microvm.machine.vm", "pytest_microvm.machine.launch")),
+        ("pytest_microvm.machine.snapshot.ram", ("pytest_microvm.machine.vm", "pytest_microvm.machine.launch")),
+        ("pytest_microvm.machine.snapshot.key", ("pytest_microvm.machine.vm", "pytest_microvm.machine.launch")),
     ],
 )
 def test_lower_layers_do_not_import_higher_ones(layer: str, forbidden: tuple[str, ...]) -> None:

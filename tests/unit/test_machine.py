@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import random
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from pytest_microvm import ConfigError, VMConfig
+from pytest_microvm.channel import kernel
 from pytest_microvm.channel.allocation import claim, claim_random
 from pytest_microvm.channel.base import bind_free
 from pytest_microvm.channel.userspace import UserspaceVsock
@@ -141,3 +143,100 @@ def test_the_boot_timeout_default_follows_the_environment(monkeypatch: pytest.Mo
     monkeypatch.setenv("MICROVM_BOOT_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match="MICROVM_BOOT_TIMEOUT='soon': not a number"):
         VMConfig()
+
+
+class _FakeKernelListener:
+    """KernelVsockListener without AF_VSOCK (this host cannot bind CID 2): ports in ``taken``
+    are held by another program."""
+
+    taken: ClassVar[set[int]] = set()
+    made: ClassVar[list[_FakeKernelListener]] = []
+
+    def __init__(self, guest_cid: int, port: int) -> None:
+        if port in self.taken:
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        self.guest_cid, self.port, self.closed = guest_cid, port, False
+        self.made.append(self)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_kernel_listeners(monkeypatch: pytest.MonkeyPatch) -> type[_FakeKernelListener]:
+    class Fake(_FakeKernelListener):
+        taken: ClassVar[set[int]] = set()
+        made: ClassVar[list[_FakeKernelListener]] = []
+
+    monkeypatch.setattr(kernel, "KernelVsockListener", Fake)
+    return Fake
+
+
+def _free(cid: int) -> bool:
+    """No process of ours holds ``cid`` (claimed and given back at once)."""
+    held = claim("cid", cid)
+    if held is not None:
+        held.release()
+    return held is not None
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, *cids: int) -> None:
+    drawn = iter(cids)
+
+    class Scripted(random.Random):
+        def randint(self, a: int, b: int) -> int:
+            value = next(drawn)
+            assert a <= value <= b and a > 1024, (a, value, b)  # ports below 1025 need privileges
+            return value
+
+    monkeypatch.setattr(kernel, "_rng", Scripted())
+
+
+def test_the_kernel_channel_claims_a_cid_whose_port_is_free_and_the_agent_connects_there(
+    fake_kernel_listeners: type[_FakeKernelListener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_kernel_listeners.taken = {70001}  # another program listens on port 70001
+    _scripted(monkeypatch, 70001, 70002)
+    channel = kernel.KernelVsock()
+    channel.start()
+    try:
+        assert channel.guest_cid == 70002
+        assert channel.device() == ("vhost-vsock-pci", {"guest-cid": "70002"})
+        listener, port_arg = channel.listen_agent(1024)  # the asked port does not apply
+        assert port_arg == "cid" and (listener.port, listener.guest_cid) == (70002, 70002)  # type: ignore[attr-defined]
+        assert _free(70001)  # the CID whose port was taken was given back
+        assert not _free(70002)  # ours, held
+        with pytest.raises(MicroVMError, match="before start"):
+            channel.listen_agent(1024)  # handed out once: the VM closes it
+    finally:
+        channel.stop()
+    assert _free(70002)  # released with the channel
+    assert channel.state() == {"guest_cid": 70002}
+
+
+def test_the_kernel_channel_closes_an_agent_listener_it_never_handed_out(
+    fake_kernel_listeners: type[_FakeKernelListener], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _scripted(monkeypatch, 70010)
+    channel = kernel.KernelVsock()
+    channel.start()
+    channel.stop()  # a VM that failed before it listened for its agent
+    assert [listener.closed for listener in fake_kernel_listeners.made] == [True]
+    channel.stop()  # twice is fine
+
+
+def test_the_kernel_channel_does_not_retry_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(guest_cid: int, port: int) -> None:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(kernel, "KernelVsockListener", refuse)
+    _scripted(monkeypatch, 70020)
+    with pytest.raises(PermissionError):
+        kernel.KernelVsock().start()
+    assert _free(70020)  # not left claimed
+
+
+def test_the_userspace_agent_listens_on_the_asked_port(tmp_path: Path) -> None:
+    listener, port_arg = UserspaceVsock(tmp_path).listen_agent(1024)
+    with listener:
+        assert (listener.port, port_arg) == (1024, "1024")  # each VM has ports of its own

@@ -20,7 +20,8 @@ from pytest_microvm import VMConfig
 from pytest_microvm.errors import MicroVMError
 from pytest_microvm.machine.host import HostReport
 from pytest_microvm.machine.pool import ClonePool
-from pytest_microvm.machine.snapshot import SnapshotError, Templates
+from pytest_microvm.machine.snapshot.errors import SnapshotError
+from pytest_microvm.machine.snapshot.policy import Templates
 from pytest_microvm.machine.vm import Runstate
 from tests.snapshot_fakes import guest_image, host_report
 
