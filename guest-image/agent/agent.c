@@ -997,6 +997,43 @@ static unsigned local_cid(void)
 	return cid;
 }
 
+/* connect() that gives up as soon as the guest's CID changes. A guest saved while it was
+ * connecting (a snapshot template in its reconnect loop) resumes in a clone with a new CID,
+ * and the request it sent under the old one is dropped by the host: waiting for the
+ * kernel's 2 s connect timeout then held every clone back by 2 s. A slow host is waited
+ * for as before (the timeout is the kernel's). The socket is left blocking on success. */
+static int await_connect(int fd, const struct sockaddr *a, socklen_t len, unsigned cid)
+{
+	if (connect(fd, a, len) == 0)
+		goto connected;
+	if (errno != EINPROGRESS)
+		return -1;
+	for (;;) {
+		struct pollfd p = { fd, POLLOUT, 0 };
+		int n = poll(&p, 1, 10);
+		if (n < 0 && errno != EINTR)
+			return -1;
+		if (n > 0) {
+			int err = 0;
+			socklen_t elen = sizeof err;
+			if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen) < 0)
+				return -1;
+			if (err) {
+				errno = err;
+				return -1;
+			}
+			goto connected;
+		}
+		if (local_cid() != cid) {
+			errno = ECONNRESET; /* restored with a new CID: start again under it */
+			return -1;
+		}
+	}
+connected:
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+	return 0;
+}
+
 static int try_connect(void)
 {
 	int fd;
@@ -1011,14 +1048,15 @@ static int try_connect(void)
 		if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
 			return fd;
 	} else {
-		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cfg.cid, .svm_port = cfg.port };
-		if (cfg.port_is_cid)
-			a.svm_port = local_cid(); /* asked each time: a restored clone has a new one */
-		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd >= 0)
+		unsigned cid = local_cid(); /* asked each time: a restored clone has a new one */
+		struct sockaddr_vm a = { .svm_family = AF_VSOCK, .svm_cid = cfg.cid,
+					 .svm_port = cfg.port_is_cid ? cid : cfg.port };
+		fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+		if (fd >= 0) {
 			vsock_buffer(fd);
-		if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) == 0)
-			return fd;
+			if (await_connect(fd, (struct sockaddr *)&a, sizeof a, cid) == 0)
+				return fd;
+		}
 	}
 	int e = errno;
 	if (fd >= 0)
