@@ -112,20 +112,15 @@ def choose(report: HostReport, accel: str = "auto", vsock: str = "auto") -> Choi
         chosen_vsock, vsock_why = vsock, f"asked for; {report.vhost_vsock.reason}"
     elif not report.vhost_vsock.usable:
         chosen_vsock, vsock_why = "userspace", report.vhost_vsock.reason
-    elif chosen_accel == "kvm":
-        # The fast path: vhost works the queues in the host kernel, notified through KVM's
-        # ioeventfd/irqfd, and there is no backend process to start per VM.
-        chosen_vsock, vsock_why = "kernel", "/dev/vhost-vsock is usable: the fastest path under KVM"
     else:
-        # Under TCG QEMU emulates those notifications; side by side in one guest
-        # (bench/vsock_paths.py through scripts/nested) the kernel path was no faster, and
-        # only the userspace path has snapshot clones, which spare a TCG guest its boot.
+        # The fast path: vhost works the queues in the host kernel (under KVM notified
+        # through ioeventfd/irqfd), no backend process starts per VM, and a snapshot clone
+        # maps its template's RAM copy-on-write instead of copying it. Measured side by side
+        # in one nested TCG guest (bench/kernel_clones.py): a clone ready in 0.66x the
+        # userspace clone's time, holding 29 MiB of host memory idle against 70 MiB.
         chosen_vsock, vsock_why = (
-            "userspace",
-            (
-                "/dev/vhost-vsock is usable, but under TCG the kernel path is no faster and only the "
-                "userspace path has snapshot clones (--microvm-vsock kernel to use it anyway)"
-            ),
+            "kernel",
+            "/dev/vhost-vsock is usable: no backend process per VM, and copy-on-write snapshot clones",
         )
     why = f"accel={chosen_accel} ({report.kvm.reason}); vsock={chosen_vsock} ({vsock_why})"
     return Choice(chosen_accel, chosen_vsock, why)
