@@ -22,9 +22,10 @@ channel (``Channel.device_migrates``):
   template's device is unplugged before the save; each clone gets one hot-plugged after
   the restore (ACPI PCI hotplug on the root port), with its own backend.
 
-Measured on the kernel path (scripts/nested, TCG inside TCG): see bench/kernel_clones.py
-and the README. Keeping the device saves the hot-plug and the guest's probe of a new
-PCI device in every clone, and the template's settle time.
+On the kernel path both ways work; measured side by side (bench/kernel_clones.py through
+scripts/nested, TCG inside TCG, medians of 5) a clone keeping the device was ready in
+6.62 s, one with a device plugged in 8.50 s: keeping it spares every clone the hot-plug
+and the guest's probe of a new PCI device (and the template its settle time).
 """
 
 from __future__ import annotations
