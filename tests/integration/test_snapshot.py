@@ -68,6 +68,11 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _shm() -> set[str]:
+    """What /dev/shm holds (a guest running these tests, scripts/nested's, may have none)."""
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
 # 50 on the userspace path; 20 on the kernel path, whose clones run as guests inside a TCG guest.
 @pytest.mark.parametrize(
     ("path", "count"),
@@ -76,7 +81,7 @@ def _digest(path: Path) -> str:
 def test_clones_in_a_row_are_fresh_and_their_own(templates: Templates, config: VMConfig, path: str, count: int) -> None:
     workroot = Path(tempfile.mkdtemp(prefix="row-", dir="/tmp"))  # every VM's argv names it
     config = config.with_(vsock=path, workdir=workroot)
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = _shm()
     pool = ClonePool(templates, size=1)
     seen: dict[str, set[str]] = {"uuid": set(), "token": set(), "vmgenid": set(), "random": set(), "cid": set()}
     template: Template | None = None
@@ -110,7 +115,7 @@ def test_clones_in_a_row_are_fresh_and_their_own(templates: Templates, config: V
     # The clones ran on the template's RAM (copied, or mapped copy-on-write): it is as saved.
     assert template is not None and _digest(template.ram) == saved
     assert processes_mentioning(str(workroot)) == {}
-    assert set(os.listdir("/dev/shm")) - shm_before == set()  # no RAM file left
+    assert _shm() - shm_before == set()  # no RAM file left
 
 
 def test_two_clones_differ_in_what_makes_them_unique(templates: Templates, config: VMConfig) -> None:
@@ -379,7 +384,7 @@ def test_the_plugin_hands_out_clones(
         # The pool made one more clone ahead than the session used: gone with the session,
         # as is everything else (processes, RAM files).
         assert processes_mentioning(str(workroot)) == {}
-        assert set(os.listdir("/dev/shm")) - shm_before == set()
+        assert _shm() - shm_before == set()
     finally:
         monkeypatch.delenv("TMPDIR")
         shutil.rmtree(workroot, ignore_errors=True)
@@ -407,7 +412,7 @@ def test_killing_pytest_while_the_pool_holds_clones_leaves_nothing(
             time.sleep(600)
         """
     )
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = _shm()
     workroot = Path(tempfile.mkdtemp(prefix="kill-", dir="/tmp"))  # every VM's argv names it
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", *inner_options],
@@ -431,7 +436,7 @@ def test_killing_pytest_while_the_pool_holds_clones_leaves_nothing(
         while processes_mentioning(str(workroot)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert processes_mentioning(str(workroot)) == {}
-        assert set(os.listdir("/dev/shm")) - shm_before == set()  # clone RAM has no name to leave
+        assert _shm() - shm_before == set()  # clone RAM has no name to leave
     finally:
         if proc.poll() is None:
             proc.kill()
