@@ -378,7 +378,7 @@ def test_the_plugin_hands_out_clones(
     pytester.makepyfile(test_suite=PLUGIN_SUITE)
     workroot = Path(tempfile.mkdtemp(prefix="clones-", dir="/tmp"))  # every VM's argv names it
     monkeypatch.setenv("TMPDIR", str(workroot))
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = _shm()
     try:
         result = pytester.runpytest_subprocess(*inner_options, timeout=600)
         # The pool made one more clone ahead than the session used: gone with the session,
