@@ -41,6 +41,18 @@ def guest_image(root: Path) -> GuestImage:
     )
 
 
+def targets(fds: set[str]) -> dict[str, str]:
+    """What each of ``fds`` is open on; those closed meanwhile (a copy thread's, when its
+    copy ends) are left out."""
+    found = {}
+    for fd in fds:
+        try:
+            found[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue
+    return found
+
+
 def open_fds() -> set[str]:
     """This process's open descriptors (compare before and after to find a leak); not the
     one listing them, closed by the time they are looked at."""

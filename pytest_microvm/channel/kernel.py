@@ -27,6 +27,7 @@ import time
 from types import TracebackType
 from typing import Any
 
+from pytest_microvm import _wait
 from pytest_microvm.channel.allocation import LAST_CID, Claim, claim_random
 from pytest_microvm.channel.base import Channel, Listener, bind_free, refused, unanswered
 from pytest_microvm.errors import CommandTimeout, MicroVMError
@@ -82,7 +83,7 @@ class KernelVsockListener:
                 raise CommandTimeout(
                     f"no connection from guest CID {self.guest_cid} to port {self.port} within {timeout}s"
                 )
-            self._sock.settimeout(remaining)
+            self._sock.settimeout(_wait.slice_of(remaining))  # a long wait, in slices: see _wait
             try:
                 conn, (cid, _port) = self._sock.accept()
             except TimeoutError:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from types import TracebackType
 
+from pytest_microvm import _wait
 from pytest_microvm.errors import CommandTimeout
 
 
@@ -33,14 +35,19 @@ class UnixListener:
 
     def accept(self, timeout: float | None) -> socket.socket:
         """Wait for one connection; raise CommandTimeout if none comes within ``timeout``."""
-        self._sock.settimeout(timeout)
-        try:
-            conn, _ = self._sock.accept()
-        except TimeoutError:
-            where = f"port {self.port}" if self.port else str(self.path)
-            raise CommandTimeout(f"no connection from the guest to {where} within {timeout}s") from None
-        conn.settimeout(None)
-        return conn
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            self._sock.settimeout(max(0.001, _wait.slice_of(remaining)))  # in slices: see _wait
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    where = f"port {self.port}" if self.port else str(self.path)
+                    raise CommandTimeout(f"no connection from the guest to {where} within {timeout}s") from None
+                continue
+            conn.settimeout(None)
+            return conn
 
     def close(self) -> None:
         self._sock.close()

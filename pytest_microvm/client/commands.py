@@ -17,6 +17,7 @@ import signal as _signal
 import time
 from collections.abc import Mapping, Sequence
 
+from pytest_microvm import _wait
 from pytest_microvm import protocol as p
 from pytest_microvm.client.connection import Connection, Job, Sink
 from pytest_microvm.errors import CommandError, CommandTimeout, MicroVMError, ProtocolError
@@ -150,7 +151,7 @@ def become_clone(conn: Connection, token: str) -> None:
 def poweroff(conn: Connection, timeout: float) -> None:
     """Send POWEROFF; wait up to ``timeout`` for the agent to close the connection."""
     conn.send(p.frame(p.FrameType.POWEROFF, 0))
-    conn.reader.join(timeout)
+    _wait.join(conn.reader, timeout)
 
 
 class Process:

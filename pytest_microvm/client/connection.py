@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from pytest_microvm import _wait
 from pytest_microvm import protocol as p
 from pytest_microvm.errors import (
     AgentError,
@@ -133,7 +134,7 @@ class Connection:
             self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
-        self.reader.join(timeout=5)
+        _wait.join(self.reader, 5)
         self._sock.close()
 
     @property
@@ -228,7 +229,7 @@ class Connection:
         ``sink`` takes the job's output on the reader thread, credited back at once;
         without one it is queued for :meth:`take_output`. Blocks while MAX_JOBS are open.
         """
-        self._slots.acquire()
+        _wait.acquire(self._slots)
         with self._lock:
             if self._broken is not None or self._closed:
                 self._slots.release()
@@ -266,7 +267,7 @@ class Connection:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise CommandTimeout(f"no answer from the agent for job {job.id} within {timeout:.1f}s")
-                job.cond.wait(remaining)
+                job.cond.wait(_wait.slice_of(remaining))
 
     def send_stdin(self, job: Job, data: bytes | memoryview, timeout: float | None = None) -> None:
         """Send data as STDIN frames within the job's credit; stops quietly once the job ended."""
@@ -278,7 +279,7 @@ class Connection:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise CommandTimeout(f"the command did not read its stdin within {timeout:.1f}s")
-                    job.cond.wait(remaining)
+                    job.cond.wait(_wait.slice_of(remaining))
                 if job.done:
                     job.raise_if_failed()
                     return
@@ -305,7 +306,7 @@ class Connection:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise CommandTimeout(f"no output from {shlex.join(job.argv)} within {timeout:.1f}s")
-                job.cond.wait(remaining)
+                job.cond.wait(_wait.slice_of(remaining))
             if not job.chunks:
                 job.raise_if_failed()
                 return None

@@ -10,6 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from pytest_microvm import _wait
 from pytest_microvm.machine import storage
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import HostReport, detect_host
@@ -127,7 +128,7 @@ class ClonePool:
         for vm in vms:
             vm.stop(graceful=False)
         if thread is not None:
-            thread.join()
+            _wait.join(thread)
 
 
 def _alive(vm: MicroVM) -> bool:

@@ -46,7 +46,7 @@ from pytest_microvm.machine.snapshot.strategies import (
     snapshot_devices,
     vsock_in_snapshot,
 )
-from tests.snapshot_fakes import MIB, guest_image, host_report, open_fds, rewrite_meta, write_template
+from tests.snapshot_fakes import MIB, guest_image, host_report, open_fds, rewrite_meta, targets, write_template
 
 ROOT_PORT = ["-device", f"pcie-root-port,id={HOTPLUG_PORT},bus=pcie.0,chassis=1"]
 Event = tuple[Any, ...]
@@ -438,7 +438,7 @@ def test_restore_layout_for_a_shared_channel_copies_the_ram(tmp_path: Path, temp
         assert layout.ram_file == f"/proc/self/fd/{fd}" and layout.ram_shared  # the backend maps it too
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")  # nameless
         assert os.fstat(fd).st_size == 8 * MIB
-        states = [f for f in open_fds() - fds if os.readlink(f"/proc/self/fd/{f}") == str(template.state)]
+        states = [f for f, target in targets(open_fds() - fds).items() if target == str(template.state)]
         assert len(states) == 1  # the state, opened with the RAM
     finally:
         clone.release()
@@ -457,7 +457,7 @@ def test_restore_layout_for_an_unshared_channel_maps_the_templates_ram(tmp_path:
         with pytest.raises(OSError):
             os.write(fd, b"x")  # O_RDONLY
         # No copy: the only new descriptors are the template's RAM and its state.
-        new = {os.readlink(f"/proc/self/fd/{f}") for f in open_fds() - fds}
+        new = set(targets(open_fds() - fds).values())
         assert new == {str(template.ram), str(template.state)}
     finally:
         clone.release()

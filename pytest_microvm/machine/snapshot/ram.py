@@ -28,6 +28,7 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from pytest_microvm import _wait
 from pytest_microvm.machine.snapshot.errors import CannotClone, ShmTooSmall, SnapshotError
 from pytest_microvm.machine.snapshot.store import Template
 
@@ -113,7 +114,7 @@ class CopiedRam(CloneRam):
 
     def _join(self) -> None:
         if self._filling is not None:
-            self._filling.join()
+            _wait.join(self._filling)
             self._filling = None
 
     def close(self) -> None:
