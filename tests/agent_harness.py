@@ -130,15 +130,30 @@ def children_of(pid: int) -> list[int]:
 
 
 def processes_mentioning(text: str) -> dict[int, str]:
-    """``{pid: command line}`` of every process whose command line contains ``text``
-    (arguments joined by spaces): to find what a VM or a build left running."""
+    """``{pid: command line}`` of every other process whose command line, or a file it
+    holds open, contains ``text``: to find what a VM or a build left running (a backend
+    forked by the fork server has the server's command line, and its VM's log open)."""
     found = {}
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and int(entry) != os.getpid():
             try:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if text in cmdline:
+            if text in cmdline or _holds_open(int(entry), text):
                 found[int(entry)] = cmdline.strip()
     return found
+
+
+def _holds_open(pid: int, text: str) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if text in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                return True
+        except OSError:
+            continue
+    return False

@@ -152,20 +152,32 @@ class Packet:
 
 
 class FakeQemu:
-    """Plays QEMU on the control socket and the guest driver on the two rings."""
+    """Plays QEMU on the control socket and the guest driver on the two rings.
+
+    By default the backend runs in this process, on a thread, over a socketpair; with
+    ``control`` (the listening socket path of a backend process, e.g. one the fork server
+    forked, serving ``<workdir>/vsock``) it connects there as QEMU would.
+    """
 
     RX_BUF = 4096
 
-    def __init__(self, workdir: Path, guest_cid: int = 3) -> None:
+    def __init__(self, workdir: Path, guest_cid: int = 3, *, control: Path | None = None) -> None:
         self.guest_cid = guest_cid
         self.uds = str(workdir / "vsock")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(self.uds)
-        self.listener.listen(16)
-        self.listener.setblocking(False)
-        self.qemu_end, backend_end = socket.socketpair()
-        self.muxer = Muxer(guest_cid, self.uds, self.listener)
-        self.backend = Backend(backend_end, self.muxer)
+        self.listener: socket.socket | None = None
+        self.backend: Backend | None = None
+        if control is None:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(self.uds)
+            self.listener.listen(16)
+            self.listener.setblocking(False)
+            self.qemu_end, backend_end = socket.socketpair()
+            self._muxer: Muxer | None = Muxer(guest_cid, self.uds, self.listener)
+            self.backend = Backend(backend_end, self._muxer)
+        else:
+            self._muxer = None
+            self.qemu_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.qemu_end.connect(str(control))
         self.mem = FakeGuestMemory()
         self.rx = FakeDriver(self.mem)
         self.tx = FakeDriver(self.mem)
@@ -174,6 +186,11 @@ class FakeQemu:
         self._thread: threading.Thread | None = None
         self.guest_port = 40000
         self.host_sockets: list[socket.socket] = []
+
+    @property
+    def muxer(self) -> Muxer:
+        assert self._muxer is not None, "the backend runs in another process"
+        return self._muxer
 
     def host_listener(self, port: int) -> socket.socket:
         """A host program listening for guest connections to ``port`` (closed by stop())."""
@@ -216,6 +233,12 @@ class FakeQemu:
             self.send(m.Request.SET_VRING_CALL, struct.pack("<Q", i), [self.call[i]])
         for i in range(2):
             self.send(m.Request.SET_VRING_ENABLE, struct.pack("<II", i, 1))
+        if self.backend is None:
+            # A request with a reply: the backend handles messages in order, so once it
+            # answers, the rings are live.
+            self.send(m.Request.GET_FEATURES)
+            self.recv_reply()
+            return
         self._thread = threading.Thread(target=self.backend.serve, daemon=True)
         self._thread.start()
         # The backend handles the messages on its own thread: wait until the rings are live.
@@ -229,7 +252,8 @@ class FakeQemu:
         if self._thread is not None:
             self._thread.join(5)
             assert not self._thread.is_alive(), "the backend did not exit when QEMU disconnected"
-        self.listener.close()
+        if self.listener is not None:
+            self.listener.close()
         for sock in self.host_sockets:
             sock.close()
         for fd in self.kick + self.call:

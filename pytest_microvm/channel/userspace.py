@@ -1,6 +1,7 @@
 """The host end of the userspace vsock flavour: the backend process and its sockets.
 
-One backend process per VM (:mod:`pytest_microvm.channel.vhost_user`). The host side of
+One backend process per VM (:mod:`pytest_microvm.channel.vhost_user`), forked by this
+process's fork server or an interpreter of its own (:mod:`.backends`). The host side of
 guest port P is the Unix socket ``<uds>_<P>``; the host reaches guest port P by
 connecting to ``<uds>`` and saying ``CONNECT P``. Each VM has a CID space of its own
 (the guest is CID 3), so only this VM's guest reaches its sockets through the backend.
@@ -9,22 +10,18 @@ connecting to ``<uds>`` and saying ``CONNECT P``. Each VM has a CID space of its
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pytest_microvm import _proc
+from pytest_microvm.channel.backends import BackendError, BackendProcess, start_backend
 from pytest_microvm.channel.base import Channel, bind_free, refused, unanswered
 from pytest_microvm.channel.unix import UnixListener
-from pytest_microvm.errors import ConnectionLost, MicroVMError
+from pytest_microvm.errors import ConnectionLost
+
+__all__ = ["GUEST_CID", "BackendError", "UserspaceVsock"]
 
 GUEST_CID = 3  # every VM has its own CID space behind its own backend
-
-
-class BackendError(MicroVMError):
-    """The userspace vsock backend failed or is gone; its stderr tail says why."""
 
 
 class UserspaceVsock(Channel):
@@ -40,7 +37,7 @@ class UserspaceVsock(Channel):
         self.control_path = workdir / "vhost-user-vsock.sock"
         self.uds_path = workdir / "vsock"
         self.stderr_path = workdir / "vsock-backend.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._backend: BackendProcess | None = None
 
     def start(self) -> None:
         # Listen here and hand the socket over: QEMU may connect the moment we return,
@@ -49,18 +46,16 @@ class UserspaceVsock(Channel):
         try:
             control.bind(str(self.control_path))
             control.listen(1)
-            argv = [sys.executable, "-m", "pytest_microvm.channel.vhost_user", "--socket-fd", str(control.fileno())]
-            argv += ["--uds", str(self.uds_path), "--guest-cid", str(self.guest_cid)]
             with self.stderr_path.open("wb") as err:
-                self._proc = _proc.spawn(
-                    argv, stderr=err, pass_fds=[control.fileno()], die_with_parent=self.die_with_parent
+                self._backend = start_backend(
+                    control, err, str(self.uds_path), self.guest_cid, die_with_parent=self.die_with_parent
                 )
         finally:
             control.close()
         # Not waiting for the backend here: QEMU's connection waits in the socket's
         # backlog and its first request is answered once the backend is up, so the
-        # backend's start-up (a Python interpreter, ~0.1 s) overlaps QEMU's. Only a
-        # host-side connect() needs it up (_await_started).
+        # backend's start-up overlaps QEMU's. Only a host-side connect() needs it up
+        # (_await_started).
 
     def _await_started(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -72,11 +67,11 @@ class UserspaceVsock(Channel):
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._backend.pid if self._backend else None
 
     @property
     def pids(self) -> list[int]:
-        return [self._proc.pid] if self._proc else []
+        return [self._backend.pid] if self._backend else []
 
     def stderr_tail(self, n: int = 3000) -> str:
         try:
@@ -85,8 +80,9 @@ class UserspaceVsock(Channel):
             return ""
 
     def check_alive(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise BackendError(f"the vsock backend exited with status {self._proc.returncode}:\n{self.stderr_tail()}")
+        ended = self._backend.exited() if self._backend is not None else None
+        if ended is not None:
+            raise BackendError(f"the vsock backend (pid {self.pid}) {ended}:\n{self.stderr_tail()}")
 
     def qemu_args(self) -> list[str]:
         """The socket QEMU reaches the backend through; the device may be plugged in later."""
@@ -128,8 +124,8 @@ class UserspaceVsock(Channel):
         return {"guest_cid": self.guest_cid, "uds": str(self.uds_path), "backend_pid": self.pid}
 
     def stop(self, grace: float = 2.0) -> None:
-        if self._proc is not None:
-            _proc.stop(self._proc, grace)
+        if self._backend is not None:
+            self._backend.stop(grace)
 
     def __enter__(self) -> UserspaceVsock:
         self.start()

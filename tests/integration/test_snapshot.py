@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_microvm import GuestImage, MicroVM, VMConfig
+from pytest_microvm import ConnectionLost, GuestImage, MicroVM, MicroVMError, VMConfig
 from pytest_microvm.channel import kernel
+from pytest_microvm.channel.backends import fork_server
 from pytest_microvm.machine import HostReport, launch
 from pytest_microvm.machine.launch import LaunchContext
 from pytest_microvm.machine.pool import ClonePool
@@ -442,3 +444,34 @@ def test_killing_pytest_while_the_pool_holds_clones_leaves_nothing(
             proc.kill()
             proc.wait()
         shutil.rmtree(workroot, ignore_errors=True)
+
+
+# ---- the fork server: one per process, serving every userspace-path VM ---------------------
+
+
+def test_clones_whose_fork_server_is_killed_fail_clearly_and_later_ones_get_a_new_one(
+    templates: Templates, config: VMConfig
+) -> None:
+    workroot = Path(tempfile.mkdtemp(prefix="forkserver-", dir="/tmp"))
+    config = config.with_(vsock="userspace", workdir=workroot)
+    vms: list[MicroVM] = []
+    try:
+        vms = [templates.start(config, name=f"served{i}") for i in range(4)]
+        assert all(vm.cloned for vm in vms)
+        running = [vm.start_process(["sleep", "60"]) for vm in vms]
+        server = fork_server().pid
+        assert server is not None
+        os.kill(server, signal.SIGKILL)  # every backend it forked ends with it (PR_SET_PDEATHSIG)
+        for vm, process in zip(vms, running, strict=True):
+            with pytest.raises(ConnectionLost):
+                process.wait(timeout=30)
+            with pytest.raises(MicroVMError, match=r"vsock backend .* ended with the fork server .* signal 9"):
+                vm.run(["true"], timeout=30)
+        with templates.start(config, name="later") as later:  # a new server forks its backend
+            assert later.cloned and later.run(["echo", "served"]).stdout == b"served\n"
+            assert fork_server().pid not in (None, server)
+    finally:
+        for vm in vms:
+            vm.stop()
+        shutil.rmtree(workroot, ignore_errors=True)
+    assert processes_mentioning(str(workroot)) == {}

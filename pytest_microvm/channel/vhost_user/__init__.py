@@ -9,10 +9,9 @@ host Unix sockets the way Firecracker's hybrid vsock does. Standard library only
 - :mod:`.virtqueue`: split virtqueues
 - :mod:`.vsock`: vsock packets, connections, credit, the muxer
 - :mod:`.backend`: the control socket and the event loop
-- ``python -m pytest_microvm.channel.vhost_user``: the process the harness starts
+- :mod:`.forkserver`: one interpreter per host process that forks a backend per VM
+- ``python -m pytest_microvm.channel.vhost_user``: a backend in an interpreter of its own
+
+Nothing is imported here: the harness reads :mod:`.forkserver`'s constants without
+loading the backend.
 """
-
-from pytest_microvm.channel.vhost_user.backend import Backend, serve_one
-from pytest_microvm.channel.vhost_user.vsock import Muxer
-
-__all__ = ["Backend", "Muxer", "serve_one"]

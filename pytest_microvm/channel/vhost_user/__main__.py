@@ -18,15 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pytest_microvm.channel.vhost_user.backend import serve_one
-from pytest_microvm.channel.vhost_user.vsock import Muxer
-
-
-def _unix_listener(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.bind(path)
-    sock.listen(128)
-    return sock
+from pytest_microvm.channel.vhost_user.backend import run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,26 +39,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # SIGTERM is how the harness stops us: unwind through the finally blocks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    made: list[Path] = []
-    if args.socket is not None:
-        control = _unix_listener(args.socket)
-        made.append(Path(args.socket))
-    else:
-        control = socket.socket(fileno=args.socket_fd)
-    host = _unix_listener(args.uds)
-    host.setblocking(False)
-    made.append(Path(args.uds))
+    if args.socket is None:
+        return run(socket.socket(fileno=args.socket_fd), args.uds, args.guest_cid, args.accept_timeout)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        serve_one(control, Muxer(args.guest_cid, args.uds, host), args.accept_timeout)
-    except TimeoutError:
-        logging.error("QEMU did not connect within %ss", args.accept_timeout)
-        return 1
+        control.bind(args.socket)
+        control.listen(1)
+        return run(control, args.uds, args.guest_cid, args.accept_timeout)
     finally:
         control.close()
-        host.close()
-        for path in made:
-            path.unlink(missing_ok=True)
-    return 0
+        Path(args.socket).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,30 @@ class Backend:
         self.control.close()
 
 
+def run(control: socket.socket, uds: str, guest_cid: int, accept_timeout: float | None = None) -> int:
+    """Serve one VM: accept QEMU on the listening ``control`` socket, bind ``uds`` for the
+    host side, serve until QEMU disconnects, then remove ``uds``. Returns the exit status.
+
+    What a backend process does, whether it is an interpreter of its own (``python -m
+    pytest_microvm.channel.vhost_user``) or a child of the fork server (:mod:`.forkserver`).
+    """
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        host.bind(uds)
+        host.listen(128)
+        host.setblocking(False)
+        serve_one(control, Muxer(guest_cid, uds, host), accept_timeout)
+    except TimeoutError:
+        log.error("QEMU did not connect within %ss", accept_timeout)
+        return 1
+    finally:
+        control.close()
+        host.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(uds)
+    return 0
+
+
 def serve_one(listener: socket.socket, muxer: Muxer, accept_timeout: float | None = None) -> Backend:
     """Accept QEMU on ``listener`` and serve it until it disconnects."""
     listener.settimeout(accept_timeout)
