@@ -90,9 +90,10 @@ def qemu_argv(
 class Layout:
     """What differs between a boot, a snapshot template and a clone on the command line:
     the RAM file (None: anonymous or memfd) and whether it is shared, device arguments,
-    descriptors QEMU inherits."""
+    kernel command-line additions, descriptors QEMU inherits."""
 
     args: list[str] = field(default_factory=list)
+    cmdline: list[str] = field(default_factory=list)
     ram_file: str | None = None
     ram_shared: bool = True
     pass_fds: tuple[int, ...] = ()

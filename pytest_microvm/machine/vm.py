@@ -197,6 +197,7 @@ class MicroVM:
                 f"microvm.token={hello_token}",
                 f"microvm.port={port_arg}",
                 *storage.cmdline(image, cfg),
+                *layout.cmdline,
                 *cfg.kernel_cmdline,
             ],
             shared_memory=self.channel.shared_memory,

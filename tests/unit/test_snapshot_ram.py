@@ -28,6 +28,7 @@ from pytest_microvm.machine.snapshot.ram import (
     MappedRam,
     clone_ram,
     copy_extents,
+    punch_zero_pages,
     ram_file,
 )
 from pytest_microvm.machine.snapshot.store import Template
@@ -65,6 +66,29 @@ def test_copy_extents_copies_the_data_and_keeps_the_holes(tmp_path: Path) -> Non
     assert dst_path.stat().st_size == size
     assert dst_path.read_bytes() == content
     assert allocated(dst_path) < MIB  # 72 KiB of data: the 8 MiB are not all written
+
+
+def test_punch_zero_pages_makes_holes_of_zeros_and_keeps_every_byte(tmp_path: Path) -> None:
+    size = 8 * MIB
+    path = tmp_path / "ram"
+    page = 4096
+    # Written everywhere (as a guest touches RAM), zeros in most of it: whole 2 MiB blocks,
+    # runs of pages between data, single pages, and data in the last page.
+    content = bytearray(size)
+    for offset, data in {0: os.urandom(10), 3 * page: os.urandom(page), 2 * MIB + 5 * page: b"x",
+                         5 * MIB - 1: b"y", size - 1: b"z"}.items():  # fmt: skip
+        content[offset : offset + len(data)] = data
+    path.write_bytes(content)
+    assert allocated(path) >= size, "the file should start fully allocated"
+    punched = punch_zero_pages(path)
+    assert path.read_bytes() == content
+    data_pages = 5  # 0, 3, 2 MiB + 5, the page holding 5 MiB - 1, the last page
+    assert punched == size - data_pages * page
+    assert allocated(path) <= data_pages * page
+    assert punch_zero_pages(path) == 0  # nothing left to punch
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert punch_zero_pages(empty) == 0
 
 
 def test_copy_extents_of_a_file_without_data_is_all_zeros(tmp_path: Path) -> None:

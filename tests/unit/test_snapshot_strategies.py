@@ -763,7 +763,10 @@ class FakeVM:
 
     def start(self) -> FakeVM:
         self.launch.attach(cast(LaunchContext, self.ctx))
-        self.launch.layout()
+        layout = self.launch.layout()
+        if layout.ram_file is not None and isinstance(self.launch, SaveTemplate):  # QEMU makes it
+            Path(layout.ram_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(layout.ram_file).write_bytes(bytes(3 * 4096) + b"guest" + bytes(4091))
         self.ctx.events.append(("start",))
         if self.vms.start_errors:
             raise self.vms.start_errors.pop(0)
@@ -771,6 +774,9 @@ class FakeVM:
 
     def stop(self, *, graceful: bool = True, timeout: float = 10.0, keep: bool | None = None) -> None:
         self.ctx.events.append(("stop", graceful))
+
+    def run(self, cmd: list[str], **kwargs: Any) -> None:
+        self.ctx.events.append(("run", " ".join(cmd)))
 
 
 class FakeVMs:
@@ -805,12 +811,17 @@ def test_save_template_boots_saves_and_stops_the_template_vm(tmp_path: Path, vms
     assert isinstance(vm.launch, SaveTemplate) and vm.launch.ram == staging / "ram"
     assert without_polls(vm.ctx.events) == [
         ("start",),
+        ("run", "sh -c sync; echo 3 > /proc/sys/vm/drop_caches"),  # what is only cache is not saved
         ("disconnect_agent",),
         ("pause",),
         ("set_migration_capabilities", {"x_ignore_shared": True}),
         ("migrate", f"exec:cat > {staging / 'state'}"),
         ("stop", False),  # a template is never powered off gracefully: it is saved
     ]
+    assert vm.launch.layout().cmdline == ["init_on_free=1"]  # what the guest frees is zeros
+    # Its zero pages are holes: clones copy only the page the guest wrote.
+    assert (staging / "ram").read_bytes() == bytes(3 * 4096) + b"guest" + bytes(4091)
+    assert (staging / "ram").stat().st_blocks * 512 <= 4096
 
 
 def test_save_template_that_fails_stops_the_vm(tmp_path: Path, vms: FakeVMs) -> None:

@@ -18,7 +18,7 @@ from pytest_microvm.image.builder import HOST_ROOT
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import HostReport, choose
 
-TEMPLATE_FORMAT = "2"  # bump when what a template holds or how it is made changes
+TEMPLATE_FORMAT = "3"  # bump when what a template holds or how it is made changes
 
 
 def why_not(config: VMConfig, host: HostReport, *, hooked: bool = False) -> str | None:
