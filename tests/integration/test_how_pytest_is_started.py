@@ -121,3 +121,74 @@ def test_sigterm_to_pytest_stops_every_vm_and_leaves_nothing(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(workroot, ignore_errors=True)
+
+
+HOLDER = """
+import os, time
+from pathlib import Path
+
+def test_holds_eight_vms_{i}(microvm_factory):
+    vms = [microvm_factory() for _ in range(8)]
+    assert all(vm.run("true").exit_code == 0 for vm in vms)
+    Path(os.environ["MARKERS"], "{i}").write_text(" ".join(str(vm.qemu.pid) for vm in vms))
+    time.sleep(600)
+"""
+
+
+def _fork_servers_without_their_process() -> list[str]:
+    """Fork servers whose process (``--for-pid``) is gone: they should have ended with it."""
+    orphans = []
+    for pid, cmdline in processes_mentioning("pytest_microvm.channel.vhost_user.forkserver").items():
+        owner = cmdline.split("--for-pid ")[1].split()[0] if "--for-pid " in cmdline else ""
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            orphans.append(f"{pid}: {cmdline}")
+    return orphans
+
+
+def test_sigkill_of_pytest_holding_16_vms_leaves_nothing_running(
+    pytester: pytest.Pytester, microvm_image: GuestImage, session_kernel: str | None
+) -> None:
+    for i in range(2):
+        pytester.makepyfile(**{f"test_holder{i}": HOLDER.format(i=i)})
+    workroot = Path(tempfile.mkdtemp(prefix="kill-", dir="/tmp"))  # short: sockets live here too
+    markers = workroot / "markers"
+    markers.mkdir()
+    kernel = ["--microvm-kernel", session_kernel] if session_kernel else []
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", *kernel, str(pytester.path)],
+        cwd=pytester.path, env={**_cache_env(microvm_image, session_kernel), "TMPDIR": str(workroot),
+                                "MARKERS": str(markers)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the controller and its workers
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600  # 16 VMs on a loaded 2-core host under TCG
+        while len(list(markers.iterdir())) < 2:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the tests never held their VMs; pytest said:\n{proc.communicate()[0].decode()[-4000:]}")
+            time.sleep(0.2)
+        qemus = [int(p) for m in markers.iterdir() for p in m.read_text().split()]
+        assert len(set(qemus)) == 16 and all(Path(f"/proc/{p}").exists() for p in qemus)
+        os.killpg(proc.pid, signal.SIGKILL)  # no teardown, no atexit: what a killed CI job gets
+        proc.communicate(timeout=30)
+        # The kernel ends the rest: QEMU and the fork servers by their parent's death, each
+        # backend by its fork server's.
+        deadline = time.monotonic() + 30
+        while (processes_mentioning(str(workroot)) or _fork_servers_without_their_process()) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        assert processes_mentioning(str(workroot)) == {}
+        assert _fork_servers_without_their_process() == []
+        shm_after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        assert shm_after - shm_before == set()  # guest RAM is memfds: nothing has a name to leave
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        for pid in processes_mentioning(str(workroot)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(workroot, ignore_errors=True)
