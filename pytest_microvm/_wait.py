@@ -7,12 +7,22 @@ thread blocked in a lock, a condition, a join or a socket wait without a timeout
 woken, and the interrupt waits until that wait ends by itself. Seen in a loaded test run: a
 Ctrl-C during a test's ``vm.run(["sleep", "60"])`` took effect 60 s late. So every wait
 that can be long waits in slices of :data:`SLICE` seconds and checks again.
+
+:func:`until` is the one polling loop: code that waits for a condition of the machine
+(a file, a process's exit, QEMU's migration state) says what to check and how often.
+:func:`until_deadline` retries a call that fails until it succeeds (tenacity).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from tenacity import Retrying, retry_if_exception_type, wait_fixed
+
+T = TypeVar("T")
 
 SLICE = 0.25  # the longest a pending Ctrl-C or SIGTERM waits to be raised
 
@@ -37,3 +47,32 @@ def acquire(lock: threading.Semaphore | threading.Lock) -> None:
     """``lock.acquire()`` with no limit, in slices."""
     while not lock.acquire(timeout=SLICE):
         pass
+
+
+def until(check: Callable[[], T | None], deadline: float | None, interval: float) -> T | None:
+    """Call ``check`` every ``interval`` seconds (at most :data:`SLICE`) until it returns
+    something other than None, and return that; None once ``deadline`` (a
+    ``time.monotonic()`` value; None: no limit) has passed. ``check`` runs at least once,
+    and once more at the deadline; what it raises ends the wait."""
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return None
+        time.sleep(min(interval, slice_of(remaining)))
+
+
+def until_deadline(
+    deadline: float, errors: tuple[type[BaseException], ...], call: Callable[[], T], interval: float = 0.05
+) -> T:
+    """``call()`` again every ``interval`` seconds while it raises one of ``errors``; once
+    ``deadline`` (``time.monotonic()``) has passed, the last such error is raised."""
+    retrying = Retrying(
+        retry=retry_if_exception_type(errors),
+        stop=lambda _state: time.monotonic() > deadline,
+        wait=wait_fixed(min(interval, SLICE)),
+        reraise=True,
+    )
+    return retrying(call)

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import IO, Any, Protocol
 
-from pytest_microvm import _proc
+from pytest_microvm import _proc, _wait
 from pytest_microvm.channel.vhost_user.forkserver import ENDED, describe_status
 from pytest_microvm.errors import MicroVMError
 
@@ -81,23 +81,22 @@ class ForkedBackend:
         if not self._ended(0):
             return None
         # The server reaps it at once and appends how it ended to its stderr file.
-        deadline = time.monotonic() + 2
-        while True:
-            with contextlib.suppress(OSError):
-                with open(self._stderr_path, "rb") as log:
-                    log.seek(max(0, os.fstat(log.fileno()).st_size - 200))
-                    tail = log.read().decode(errors="replace")
-                if ENDED in tail:
-                    return tail.rsplit(ENDED, 1)[1].strip()
-            server_status = self._server.poll()
-            if server_status is not None:
-                return (
-                    f"ended with the fork server that forked it (pid {self._server.pid}), "
-                    f"which {describe_status(server_status)}"
-                )
-            if time.monotonic() > deadline:
-                return "ended (how is unknown: the fork server did not say)"
-            time.sleep(0.01)
+        how = _wait.until(self._how_it_ended, time.monotonic() + 2, 0.01)
+        return how or "ended (how is unknown: the fork server did not say)"
+
+    def _how_it_ended(self) -> str | None:
+        with contextlib.suppress(OSError), open(self._stderr_path, "rb") as log:
+            log.seek(max(0, os.fstat(log.fileno()).st_size - 200))
+            tail = log.read().decode(errors="replace")
+            if ENDED in tail:
+                return tail.rsplit(ENDED, 1)[1].strip()
+        server_status = self._server.poll()
+        if server_status is not None:
+            return (
+                f"ended with the fork server that forked it (pid {self._server.pid}), "
+                f"which {describe_status(server_status)}"
+            )
+        return None
 
     def stop(self, grace: float) -> None:
         if self._pidfd < 0:
@@ -108,10 +107,7 @@ class ForkedBackend:
                     break
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pidfd, sig)
-                deadline = time.monotonic() + wait
-                while not self._ended(min(0.25, max(0.0, deadline - time.monotonic()))):  # sliced: Ctrl-C gets in
-                    if time.monotonic() >= deadline:
-                        break
+                _wait.until(lambda: self._ended(0) or None, time.monotonic() + wait, 0.01)
         finally:
             os.close(self._pidfd)
             self._pidfd = -1

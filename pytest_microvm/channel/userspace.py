@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pytest_microvm import _wait
 from pytest_microvm.channel.backends import BackendError, BackendProcess, start_backend
 from pytest_microvm.channel.base import Channel, bind_free, refused, unanswered
 from pytest_microvm.channel.unix import UnixListener
@@ -58,12 +59,12 @@ class UserspaceVsock(Channel):
         # (_await_started).
 
     def _await_started(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.uds_path.exists():  # bound by the backend once it is up
+        def up() -> bool | None:
             self.check_alive()
-            if time.monotonic() > deadline:
-                raise BackendError(f"the vsock backend did not start within {timeout:.0f}s:\n{self.stderr_tail()}")
-            time.sleep(0.005)
+            return self.uds_path.exists() or None  # bound by the backend once it is up
+
+        if _wait.until(up, time.monotonic() + timeout, 0.005) is None:
+            raise BackendError(f"the vsock backend did not start within {timeout:.0f}s:\n{self.stderr_tail()}")
 
     @property
     def pid(self) -> int | None:

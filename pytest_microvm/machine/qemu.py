@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from pytest_microvm import _proc
+from pytest_microvm import _proc, _wait
 from pytest_microvm.errors import BootError
 from pytest_microvm.image import GuestImage
 
@@ -164,8 +164,8 @@ class QemuProcess:
         Raises BootError with the console tail if QEMU exits, the kernel panics, or
         ``timeout`` passes first.
         """
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def shown() -> str | None:
             text = self.console()
             if all(n in text for n in needles):
                 return text
@@ -174,10 +174,13 @@ class QemuProcess:
             code = self.returncode()
             if code is not None:
                 raise self.boot_error(f"QEMU exited with status {code} during boot")
-            if time.monotonic() > deadline:
-                missing = [n for n in needles if n not in text]
-                raise self.boot_error(f"the console did not show {missing} within {timeout:.0f}s")
-            time.sleep(interval)
+            return None
+
+        text = _wait.until(shown, time.monotonic() + timeout, interval)
+        if text is None:
+            missing = [n for n in needles if n not in self.console()]
+            raise self.boot_error(f"the console did not show {missing} within {timeout:.0f}s")
+        return text
 
     def stop(self, grace: float = 3.0) -> None:
         if self._proc is not None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import paramiko
 
+from pytest_microvm._wait import until_deadline
 from pytest_microvm.errors import ConnectionLost, MicroVMError
 from pytest_microvm.image.sources import SSH_HOST_KEY
 
@@ -103,15 +104,14 @@ class GuestSsh:
         host_port = self.vm.forwarded_ports.get(SSH_PORT, 0)
         if transport == "network" and not host_port:
             raise MicroVMError("this VM has no network: boot it with VMConfig(network=True) for SSH over the network")
-        while True:  # the server's listener comes up a moment after it starts
-            try:
-                if transport == "network":
-                    return socket.create_connection(("127.0.0.1", host_port), max(1.0, deadline - time.monotonic()))
-                return self.vm.connect(SSH_PORT, timeout=max(1.0, deadline - time.monotonic()))
-            except (ConnectionLost, ConnectionRefusedError, ConnectionResetError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+
+        def attempt() -> socket.socket:
+            if transport == "network":
+                return socket.create_connection(("127.0.0.1", host_port), max(1.0, deadline - time.monotonic()))
+            return self.vm.connect(SSH_PORT, timeout=max(1.0, deadline - time.monotonic()))
+
+        # The server's listener comes up a moment after it starts: refused until then.
+        return until_deadline(deadline, (ConnectionLost, ConnectionRefusedError, ConnectionResetError), attempt)
 
     def connect(self, timeout: float = 30.0, transport: str = "vsock") -> paramiko.SSHClient:
         if transport not in TRANSPORTS:

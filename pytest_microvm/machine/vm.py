@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pytest_microvm import _wait
 from pytest_microvm.channel import Channel, Listener, open_channel
 from pytest_microvm.client import AgentClient, Command, Process, connect_agent, summarize
 from pytest_microvm.errors import (
@@ -373,12 +374,9 @@ class MicroVM:
         self._wait_exit(min(deadline, time.monotonic() + 2.0))
 
     def _wait_exit(self, until: float) -> bool:
-        assert self.qemu is not None
-        while self.qemu.returncode() is None:
-            if time.monotonic() > until:
-                return False
-            time.sleep(0.02)
-        return True
+        qemu = self.qemu
+        assert qemu is not None
+        return _wait.until(lambda: qemu.returncode() is not None or None, until, 0.02) is not None
 
     def __enter__(self) -> MicroVM:
         if self.runstate is Runstate.CREATED:
@@ -405,10 +403,7 @@ class MicroVM:
         except ConnectionLost as exc:
             # The connection usually drops because the guest died; give QEMU (a panic, a
             # kill) a moment to finish dying so the error can say so. Bounded: 3 s.
-            until = time.monotonic() + 3.0
-            while time.monotonic() < until:
-                self._raise_if_dead(GuestError)
-                time.sleep(0.05)
+            _wait.until(lambda: self._raise_if_dead(GuestError), time.monotonic() + 3.0, 0.05)
             raise self._failure(f"lost the agent connection: {exc}") from exc
 
     def run(
@@ -524,19 +519,21 @@ class MicroVM:
             "-c",
             f"cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ':{port:04X} [0-9A-F]*:0000 0A '",
         ]
-        while self.run(listening, timeout=max(1.0, deadline - time.monotonic())).exit_code != 0:
-            if time.monotonic() > deadline:
-                raise ConnectionLost(f"nothing listens on TCP port {port} in the guest (waited {timeout:g}s)")
-            time.sleep(0.1)
+
+        def listens() -> bool | None:
+            return self.run(listening, timeout=max(1.0, deadline - time.monotonic())).exit_code == 0 or None
+
+        if _wait.until(listens, deadline, 0.1) is None:
+            raise ConnectionLost(f"nothing listens on TCP port {port} in the guest (waited {timeout:g}s)")
         if port not in self._forwards:
             self._forwards[port] = self.start_process(f"exec microvm-agent --forward {port} {port} >/dev/null 2>&1")
-        while True:
-            try:
-                return self.connect(port, timeout=max(1.0, deadline - time.monotonic()))
-            except ConnectionLost:  # the forwarder is not listening on vsock yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        # ConnectionLost until the forwarder listens on vsock.
+        return _wait.until_deadline(
+            deadline,
+            (ConnectionLost,),
+            lambda: self.connect(port, timeout=max(1.0, deadline - time.monotonic())),
+            interval=0.1,
+        )
 
     def listen(self, port: int | None = None) -> Listener:
         """Where this guest's connections to the host (CID 2) arrive: tell the guest ``listener.port``.
@@ -587,16 +584,17 @@ class _Context:
     def connect_monitor(self, until: float) -> None:
         # QEMU makes its monitor socket a moment after it starts, and listens on it a moment
         # after that: knock first (a refused knock costs nothing), then speak QMP.
-        while True:
+        def answered() -> bool | None:
             self.raise_if_dead(self._vm.launch.failure_kind)
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as knock:
                 try:
                     knock.connect(str(self.monitor.path))
-                    break
+                    return True
                 except (FileNotFoundError, ConnectionRefusedError):
-                    if time.monotonic() > until:
-                        raise MonitorError(f"QEMU did not open its monitor at {self.monitor.path}") from None
-            time.sleep(0.002)
+                    return None
+
+        if _wait.until(answered, until, 0.002) is None:
+            raise MonitorError(f"QEMU did not open its monitor at {self.monitor.path}")
         self.monitor.connect()
 
     def disconnect_agent(self) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
+from pytest_microvm import _wait
 from tests.agent_harness import reaping
 
 # The main thread blocks SIGUSR1, so the kernel must hand it to another thread; Python then
@@ -75,3 +77,47 @@ def test_a_bounded_join_returns_whether_the_thread_ended() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
     assert out.split() == ["False", "True"]
+
+
+def test_until_returns_the_first_answer_and_none_at_the_deadline() -> None:
+    calls: list[float] = []
+
+    def third_time() -> str | None:
+        calls.append(time.monotonic())
+        return "ready" if len(calls) == 3 else None
+
+    assert _wait.until(third_time, time.monotonic() + 5, 0.01) == "ready" and len(calls) == 3
+    calls.clear()
+    start = time.monotonic()
+    assert _wait.until(lambda: calls.append(time.monotonic()), start + 0.2, 0.05) is None
+    assert calls[-1] >= start + 0.2  # checked once more at the deadline
+    assert 3 <= len(calls) <= 10
+
+
+def test_until_ends_with_what_the_check_raises() -> None:
+    def dead() -> None:
+        raise RuntimeError("QEMU exited")
+
+    with pytest.raises(RuntimeError, match="QEMU exited"):
+        _wait.until(dead, None, 0.01)
+
+
+def test_until_deadline_retries_the_named_errors_then_raises_the_last() -> None:
+    attempts = []
+
+    def refused_twice() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionRefusedError(f"attempt {len(attempts)}")
+        return "connected"
+
+    assert _wait.until_deadline(time.monotonic() + 5, (ConnectionRefusedError,), refused_twice, 0.01) == "connected"
+
+    def refused(n: list[int] = []) -> str:  # noqa: B006 (counts the calls)
+        n.append(1)
+        raise ConnectionRefusedError(f"attempt {len(n)}")
+
+    with pytest.raises(ConnectionRefusedError, match=r"attempt ([3-9]|\d\d)"):  # retried, then the last error
+        _wait.until_deadline(time.monotonic() + 0.1, (ConnectionRefusedError,), refused, 0.01)
+    with pytest.raises(ValueError):  # not a named error: no retry
+        _wait.until_deadline(time.monotonic() + 5, (ConnectionRefusedError,), lambda: int("x"), 0.01)

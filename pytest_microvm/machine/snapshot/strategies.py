@@ -40,6 +40,7 @@ import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from pytest_microvm import _wait
 from pytest_microvm.client import AgentClient
 from pytest_microvm.image import GuestImage
 from pytest_microvm.machine import launch
@@ -129,15 +130,17 @@ class PluggedVsock(VsockInSnapshot):
 
     def before_save(self, ctx: LaunchContext, until: float) -> None:
         ctx.monitor.device_del(VSOCK_ID)
-        while VSOCK_ID in ctx.monitor.peripherals():  # the guest ejects it (ACPI) when it gets to it
+
+        def released() -> bool | None:  # the guest ejects it (ACPI) when it gets to it
             ctx.raise_if_dead(SnapshotError)
-            if time.monotonic() > until:
-                raise ctx.failure(
-                    "the guest did not release its vsock device in time: cloning needs a kernel with "
-                    "PCIEPORTBUS, HOTPLUG_PCI and HOTPLUG_PCI_ACPI (Debian's and the source kernel have them)",
-                    SnapshotError,
-                )
-            time.sleep(0.01)
+            return VSOCK_ID not in ctx.monitor.peripherals() or None
+
+        if _wait.until(released, until, 0.01) is None:
+            raise ctx.failure(
+                "the guest did not release its vsock device in time: cloning needs a kernel with "
+                "PCIEPORTBUS, HOTPLUG_PCI and HOTPLUG_PCI_ACPI (Debian's and the source kernel have them)",
+                SnapshotError,
+            )
         time.sleep(UNPLUG_SETTLE)
 
     def clone_args(self, ctx: LaunchContext) -> list[str]:
@@ -158,16 +161,18 @@ def vsock_in_snapshot(ctx: LaunchContext) -> VsockInSnapshot:
 
 def await_migration(ctx: LaunchContext, until: float, what: str) -> None:
     """Wait for QEMU's migration (a save or a load) to complete."""
-    while True:
+    status = "none"
+
+    def completed() -> bool | None:
+        nonlocal status
         ctx.raise_if_dead(SnapshotError)
         status, why = ctx.monitor.migration()
-        if status == "completed":
-            return
         if status in ("failed", "cancelled"):
             raise ctx.failure(f"{what} failed: {why}", MigrationFailed)
-        if time.monotonic() > until:
-            raise ctx.failure(f"{what} did not finish (status {status})", SnapshotError)
-        time.sleep(0.005)
+        return status == "completed" or None
+
+    if _wait.until(completed, until, 0.005) is None:
+        raise ctx.failure(f"{what} did not finish (status {status})", SnapshotError)
 
 
 # ---- the strategies --------------------------------------------------------------------------
