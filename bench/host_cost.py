@@ -13,7 +13,8 @@ seconds, not wall time, for a clone on the userspace vsock path that runs `true`
    fork server). Goal: ≤ 30 ms outside QEMU per clone.
 2. host memory per idle clone: the drop of MemAvailable with ``--held`` clones held at
    once (after their probe and one `true`), per clone, both sides. Goal: ≤ 64 MiB
-   (Debian's kernel, 256 MiB guest). From it: how many idle clones fit in 16 GiB.
+   (Debian's kernel, 256 MiB guest); the median of three rounds, interleaved. From it: how
+   many idle clones fit in 16 GiB.
 3. fresh VMs per minute (a clone that runs `true`, then stops), 4 at once (threads, as
    xdist workers would be processes) vs one after another, with the fork server.
 
@@ -157,7 +158,11 @@ def main() -> int:
         for side in SIDES if i % 2 == 0 else SIDES[::-1]:  # interleaved, each first in turn
             runs[side].append(one_clone(templates, config, side))
         print(f"run {i + 1}/{args.runs}", file=sys.stderr, flush=True)
-    memory = {side: held_memory(templates, config, side, args.held) for side in SIDES}
+    held: dict[str, list[float]] = {side: [] for side in SIDES}
+    for i in range(3):  # interleaved too: MemAvailable moves with everything else on the host
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            held[side].append(held_memory(templates, config, side, args.held))
+    memory = {side: statistics.median(values) for side, values in held.items()}
     rates = {n: per_minute(templates, config, n, args.rate_vms) for n in (4, 1)} if args.rate_vms else {4: 0.0, 1: 0.0}
 
     def med(side: str, *parts: str) -> float:
