@@ -6,34 +6,36 @@ Progress goes to stderr, results (paths) to stdout, so scripts can capture them.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import select
-import shutil
 import signal
 import sys
-import tempfile
-import termios
-import threading
 import time
-import tty
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 from pytest_microvm import __version__
-from pytest_microvm.cache import cache_dir
-from pytest_microvm.channel import reopen_listener
-from pytest_microvm.client import Process, connect_agent
-from pytest_microvm.errors import ImageError, MicroVMError
-from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.image.kernel_build import check_build_tools
-from pytest_microvm.image.sources import KERNEL_HELP, describe_kernel
-from pytest_microvm.machine import QemuProcess, Share, VMConfig, choose, detect_host, qemu_argv, storage
-from pytest_microvm.machine.config import default_boot_timeout
-from pytest_microvm.machine.snapshot.policy import Templates
-from pytest_microvm.result import CommandResult
+from pytest_microvm.options import (
+    DOCTOR,
+    IMAGE,
+    VM,
+    OptionError,
+    add_cli_options,
+    cli_values,
+    image_request,
+    vm_config,
+)
+
+# Only the standard library and the option table at the top: `microvm --help` and a typo
+# answer at once. Each command imports what it uses (the image builder, QEMU's monitor
+# client, the snapshot code) when it runs.
+TYPE_CHECKING = False  # typing itself costs `microvm --help` a tenth of its time
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
+    from pytest_microvm.client import Process
+    from pytest_microvm.image import GuestImage
+    from pytest_microvm.machine import VMConfig
+    from pytest_microvm.result import CommandResult
 
 
 def _progress() -> Callable[[str], None]:
@@ -45,68 +47,24 @@ def _progress() -> Callable[[str], None]:
     return say
 
 
-def _split(value: str | None) -> tuple[str, ...]:
-    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+def _build(values: dict[str, Any]) -> GuestImage:
+    from pytest_microvm.image import build_image
 
-
-def _packages(args: argparse.Namespace) -> tuple[str, ...]:
-    return _split(args.packages)
-
-
-def _build(args: argparse.Namespace) -> GuestImage:
-    return build_image(
-        kernel=args.kernel, modules=args.modules, cache=args.cache_dir, progress=_progress(),
-        packages=_packages(args), rootfs=args.rootfs, features=_split(args.features),
-    )  # fmt: skip
+    return build_image(**image_request(values), progress=_progress())
 
 
 def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
     """The VMConfig that `run` and `shell` options ask for, with the image built first."""
-    shares = dict(Share.parse(spec) for spec in args.share)  # checked before the image is built
-    return VMConfig(
-        image=_build(args), memory_mib=args.memory, vcpus=args.vcpus, accel=args.accel, vsock=args.vsock,
-        boot_timeout=args.boot_timeout or default_boot_timeout(), network=args.network,
-        packages=_packages(args), rootfs=args.rootfs, shares=shares, snapshot=args.snapshot != "off",
-    ).with_(**changes)  # fmt: skip
+    from pytest_microvm.machine.config import Share
 
-
-def _root_options(p: argparse.ArgumentParser) -> None:
-    """What the guest's root is made of (the image build's options)."""
-    p.add_argument(
-        "--packages", metavar="A,B", help="distro packages for the guest's root, from the host's apt (e.g. python3)"
-    )
-    p.add_argument(
-        "--rootfs", metavar="DIR|TAR|host", help="the guest's root: a directory, a tar, or host (the host's / over 9p)"
-    )
-    p.add_argument("--features", metavar="A,B", help="image features: ssh (dropbear, for vm.ssh())")
-
-
-def _vm_options(p: argparse.ArgumentParser) -> None:
-    """The options of the commands that boot a VM."""
-    p.add_argument("--memory", type=int, default=256, help="guest memory in MiB (default 256)")
-    p.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
-    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
-    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
-    p.add_argument("--kernel", help=KERNEL_HELP)
-    p.add_argument("--network", action="store_true", help="give the guest a NIC on QEMU's user-mode network (NAT)")
-    _root_options(p)
-    p.add_argument(
-        "--share", action="append", default=[], metavar="HOST:GUEST[:ro]",
-        help="a host directory in the guest over 9p (repeatable; :ro refuses writes)",
-    )  # fmt: skip
-    p.add_argument(
-        "--boot-timeout", type=float, help="seconds the guest may take to boot (default 120, or $MICROVM_BOOT_TIMEOUT)"
-    )
-    p.add_argument(
-        "--snapshot", default="auto", choices=["auto", "off"],
-        help="auto: restore a clone of a cached snapshot template where possible (made on first use); off: boot",
-    )  # fmt: skip
-    p.add_argument("--modules", help=argparse.SUPPRESS)
-    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    values = cli_values(args, VM)
+    for spec in values["shares"] or ():
+        Share.parse(spec)  # a typo is an error before the image is built
+    return vm_config(values, image=_build(values), **changes)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    image = _build(args)
+    image = _build(cli_values(args, IMAGE))
     print(f"image:     {image.directory}")
     print(f"kernel:    {image.kernel} ({image.kernel_release}, {'PVH' if image.pvh else 'bzImage'} boot)")
     print(f"initramfs: {image.initramfs}")
@@ -122,7 +80,12 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 def cmd_image_check(args: argparse.Namespace) -> int:
     """Boot the image and watch the console for the agent as PID 1 and its modules."""
-    image = _build(args)
+    import tempfile
+    from pathlib import Path
+
+    from pytest_microvm.machine import QemuProcess, VMConfig, detect_host, qemu_argv, storage
+
+    image = _build(cli_values(args, IMAGE))
     host = detect_host()
     if host.qemu is None:
         print(
@@ -180,6 +143,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not command:
         print("error: nothing to run: microvm run [options] -- CMD [ARGS...]", file=sys.stderr)
         return 2
+    from pytest_microvm.machine.snapshot.policy import Templates
+
     config = _vm_config(args, keep=args.keep)
     with Templates(args.cache_dir).start(config, name="run") as vm:
         if vm.choice and vm.choice.accel == "tcg":
@@ -193,12 +158,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _terminal_size() -> tuple[int, int]:
+    import shutil
+
     size = shutil.get_terminal_size((80, 24))
     return size.lines, size.columns
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
     """Boot a VM and give an interactive shell on a terminal carried by the agent."""
+    from pytest_microvm.machine.snapshot.policy import Templates
+
     with Templates(args.cache_dir).start(_vm_config(args), name="shell") as vm:
         accel = vm.choice.accel if vm.choice else "?"
         print(f"microvm: shell in a {accel} guest; exit or ^D leaves (the VM is removed)", file=sys.stderr)
@@ -207,6 +176,14 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 def _interactive_shell(start: Callable[..., Process]) -> int:
     """Run a guest shell on a terminal, with this terminal in raw mode; return its status."""
+    import contextlib
+    import select
+    import termios
+    import threading
+    import tty
+
+    from pytest_microvm.errors import MicroVMError
+
     interactive = sys.stdin.isatty()
     env = {"TERM": os.environ.get("TERM", "xterm"), "PS1": "microvm:\\w# "}
     proc = start(env=env, cwd="/root", pty=_terminal_size())
@@ -246,6 +223,11 @@ def _interactive_shell(start: Callable[..., Process]) -> int:
 
 def _kept_state(path: str) -> tuple[Path, dict[str, Any]]:
     """The vm.json of a kept VM (given it or its directory); MicroVMError if unreadable."""
+    import json
+    from pathlib import Path
+
+    from pytest_microvm.errors import MicroVMError
+
     state_path = Path(path)
     if state_path.is_dir():
         state_path = state_path / "vm.json"
@@ -258,6 +240,8 @@ def _kept_state(path: str) -> tuple[Path, dict[str, Any]]:
 def _is_process_of(pid: object, directory: Path) -> bool:
     """True if ``pid`` runs and its command line names ``directory``: a kept VM's QEMU and
     backend do (console and sockets live there), a recycled pid almost surely does not."""
+    from pathlib import Path
+
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
@@ -267,6 +251,12 @@ def _is_process_of(pid: object, directory: Path) -> bool:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a kept VM: its QEMU and vsock backend, then its directories."""
+    import contextlib
+    import shutil
+    from pathlib import Path
+
+    from pytest_microvm import _wait
+
     state_path, state = _kept_state(args.state)
     workdir, sockets = state_path.parent, Path(str(state.get("sockets") or state_path.parent))
     channel = state.get("channel") or {}
@@ -278,9 +268,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait.until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids) or None, time.monotonic() + 5, 0.05)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -292,6 +280,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_attach(args: argparse.Namespace) -> int:
     """Reach a VM left running (--microvm-keep-on-failure, run --keep): a shell, or one command."""
+    from pathlib import Path
+
+    from pytest_microvm.channel import reopen_listener
+    from pytest_microvm.client import connect_agent
+
     _state_path, state = _kept_state(args.state)
     pid = state.get("qemu_pid")
     if not pid or not Path(f"/proc/{pid}").exists():
@@ -311,6 +304,15 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """What this host can do for microVMs, what will be used, and how to fix what is missing."""
+    import shutil
+
+    from pytest_microvm.cache import cache_dir
+    from pytest_microvm.errors import ImageError, MicroVMError
+    from pytest_microvm.image.kernel_build import check_build_tools
+    from pytest_microvm.image.sources import describe_kernel
+    from pytest_microvm.machine import choose, detect_host
+
+    values = cli_values(args, DOCTOR)
     host = detect_host()
     ok = True
 
@@ -326,14 +328,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     line(host.vhost_vsock.usable, "vhost-vsock", host.vhost_vsock.reason,
          "modprobe vhost_vsock (without it the userspace backend is used: it works, a bit slower)")  # fmt: skip
     try:
-        line(True, "will use", choose(host, args.accel, args.vsock).why)
+        line(True, "will use", choose(host, values["accel"], values["vsock"]).why)
     except MicroVMError as exc:
         line(False, "will use", str(exc))
         ok = False
-    cache = cache_dir(args.cache_dir)
+    cache = cache_dir(values["cache-dir"])
     line(True, "cache", str(cache))
-    line(True, "kernel", describe_kernel(args.kernel, cache))
-    if args.kernel == "source":
+    line(True, "kernel", describe_kernel(values["kernel"], cache))
+    if values["kernel"] == "source":
         try:
             check_build_tools()
             line(True, "kernel build", "make, gcc, flex, bison, bc and libelf-dev are installed")
@@ -350,6 +352,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_dir(args: argparse.Namespace) -> int:
+    from pytest_microvm.cache import cache_dir
+
     print(cache_dir(args.cache_dir))
     return 0
 
@@ -365,10 +369,7 @@ def parser() -> argparse.ArgumentParser:
         ("check", cmd_image_check, "build the image, boot it, and check the agent starts as PID 1"),
     ):
         p = image.add_parser(name, help=text, description=text)
-        p.add_argument("--kernel", help=KERNEL_HELP)
-        p.add_argument("--modules", help="lib/modules/<release> of --kernel, if it needs modules")
-        p.add_argument("--cache-dir", help="cache directory (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)")
-        _root_options(p)
+        add_cli_options(p, IMAGE)
         if name == "check":
             p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the agent (default 60)")
         p.set_defaults(func=func)
@@ -379,14 +380,14 @@ def parser() -> argparse.ArgumentParser:
         description="Boot a throw-away VM, run CMD in it with stdout and stderr streamed, power it off, "
         "and exit with CMD's exit code (128+N if it died by signal N).",
     )
-    _vm_options(p)
+    add_cli_options(p, VM)
     p.add_argument("--timeout", type=float, default=None, help="kill the command after this many seconds")
     p.add_argument("--keep", action="store_true", help="leave the VM running afterwards (reach it: microvm attach)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("shell", help="boot a VM and open an interactive shell in it (removed on exit)")
-    _vm_options(p)
+    add_cli_options(p, VM)
     p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("attach", help="reach a VM kept running by --microvm-keep-on-failure: a shell or a command")
@@ -396,10 +397,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("doctor", help="what this host can do, what will be used, and how to fix what is missing")
-    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"])
-    p.add_argument("--vsock", default="auto", choices=["auto", "kernel", "userspace"])
-    p.add_argument("--kernel", help="the kernel you would pass to image build")
-    p.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    add_cli_options(p, DOCTOR)
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("stop", help="stop a kept VM (QEMU and the vsock backend) and remove its directory")
@@ -422,8 +420,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     args = parser().parse_args(argv)
+    from pytest_microvm.errors import MicroVMError
+
     try:
         return int(args.func(args))
+    except OptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except MicroVMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

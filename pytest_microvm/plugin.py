@@ -26,49 +26,31 @@ at once, not powered off from inside.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_microvm import hookspecs
 from pytest_microvm._sigterm import SigtermUnwinds
-from pytest_microvm.cache import cache_dir
-from pytest_microvm.errors import ConfigError
-from pytest_microvm.image import GuestImage, build_image
-from pytest_microvm.image.builder import root_request
-from pytest_microvm.image.sources import KERNEL_HELP, KERNEL_KEYWORDS, describe_kernel
-from pytest_microvm.machine import MicroVM, VMConfig, choose, detect_host
-from pytest_microvm.machine.config import Share, default_boot_timeout
-from pytest_microvm.machine.pool import ClonePool
-from pytest_microvm.machine.snapshot.policy import Templates
+from pytest_microvm.options import BY_NAME, OptionError, image_request, plugin_options, vm_config
 
-_VMS = pytest.StashKey[list[MicroVM]]()
+# Only the standard library, pytest and the option table at the top (pytest-xdist's
+# plugin.py is the model): a pytest run that uses no VM, and every xdist worker's start,
+# do not load QEMU's monitor client, asyncio, the image builder or the snapshot code.
+if TYPE_CHECKING:
+    from pytest_microvm.image import GuestImage
+    from pytest_microvm.machine import MicroVM, VMConfig
+    from pytest_microvm.machine.pool import ClonePool
+
+_VMS = pytest.StashKey[list["MicroVM"]]()
 _CALL_FAILED = pytest.StashKey[bool]()
-_IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], GuestImage]]()  # by root_request()
-_POOL = pytest.StashKey[ClonePool]()
+_IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], "GuestImage"]]()  # by root_request()
+_POOL = pytest.StashKey["ClonePool"]()
 _SIGTERM = pytest.StashKey[SigtermUnwinds]()
 _INTERRUPTED = pytest.StashKey[bool]()
+_VALUES = pytest.StashKey[dict[str, Any]]()
 CONSOLE_IN_REPORT = 3000
-
-_OPTIONS: list[tuple[str, str, str | None, str]] = [
-    # (name, dest type, default, help)
-    ("accel", "str", "auto", "auto | kvm | tcg: how guests run (auto: kvm when usable, else tcg, with a warning)"),
-    ("vsock", "str", "auto", "auto | kernel | userspace: the vsock device's backend"),
-    ("kernel", "kernel", None, KERNEL_HELP),
-    ("modules", "path", None, "lib/modules/<release> tree for --microvm-kernel"),
-    ("memory", "int", "256", "guest memory in MiB"),
-    ("vcpus", "int", "1", "guest vCPUs (under TCG one is fastest)"),
-    ("boot-timeout", "float", None, "seconds a guest may take to become ready (default 120, or $MICROVM_BOOT_TIMEOUT)"),
-    ("cache-dir", "path", None, "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)"),
-    ("features", "list", None, "image features, comma-separated: ssh (dropbear, for vm.ssh())"),
-    ("packages", "list", None, "distro packages for the guest's root, comma-separated, from the host's apt"),
-    ("rootfs", "rootfs", None, "the guest's root instead: a directory, a tar, or host (the host's / over 9p)"),
-    ("shares", "list", None, "host directories in the guest over 9p, comma-separated HOST:GUEST[:ro]"),
-    ("snapshot", "str", "auto", "auto | off: fresh VMs are clones of a snapshot template where possible (off: boots)"),
-    ("pool", "int", "1", "clones made ahead in the background, of the configuration used last (0: none)"),
-]
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -77,10 +59,10 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("microvm", "QEMU microVMs (pytest-microvm)")
-    for name, _kind, default, text in _OPTIONS:
-        ini = "microvm_" + name.replace("-", "_")
-        group.addoption(f"--microvm-{name}", dest=ini, default=None, help=f"{text}. Ini: {ini}")
-        parser.addini(ini, text, default=default)
+    for option in plugin_options():
+        choices = f" ({' | '.join(option.choices)})" if option.choices else ""
+        group.addoption(option.flag, dest=option.ini, default=None, help=f"{option.help}{choices}. Ini: {option.ini}")
+        parser.addini(option.ini, option.help, default=option.default)
     group.addoption(
         "--microvm-keep-on-failure",
         dest="microvm_keep_on_failure",
@@ -92,29 +74,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("microvm_keep_on_failure", "keep VMs of failed tests running", type="bool", default=False)
 
 
+def _values(config: pytest.Config) -> dict[str, Any]:
+    """Every option's value, command line over ini, converted once; errors are UsageErrors
+    a user can act on."""
+    if _VALUES not in config.stash:
+        values = {}
+        for option in plugin_options():
+            raw = config.getoption(option.ini)
+            try:
+                values[option.name] = option.convert(config.getini(option.ini) if raw is None else raw)
+            except OptionError as exc:
+                raise pytest.UsageError(f"{option.flag}: {exc}") from None
+        config.stash[_VALUES] = values
+    return config.stash[_VALUES]
+
+
 def _setting(config: pytest.Config, name: str) -> Any:
-    """Command line over ini, converted and validated; errors are UsageErrors a user can act on."""
-    ini = "microvm_" + name.replace("-", "_")
-    value = config.getoption(ini)
-    if value is None:
-        value = config.getini(ini)
-    kind = next(k for n, k, _d, _t in _OPTIONS if n == name)
-    if value in (None, ""):
-        return None
-    try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except ValueError:
-        raise pytest.UsageError(f"--microvm-{name}: {value!r} is not a number") from None
-    if kind == "list":
-        return tuple(v.strip() for v in str(value).replace("\n", ",").split(",") if v.strip())
-    if (kind == "kernel" and value in KERNEL_KEYWORDS) or (kind == "rootfs" and value == "host"):
-        return str(value)
-    if kind in ("path", "kernel", "rootfs") and not os.path.exists(str(value)):
-        raise pytest.UsageError(f"--microvm-{name}: {value} does not exist")
-    return str(value)
+    assert BY_NAME[name].plugin, name
+    return _values(config)[name]
 
 
 def _keep_on_failure(config: pytest.Config) -> bool:
@@ -123,19 +100,10 @@ def _keep_on_failure(config: pytest.Config) -> bool:
 
 
 def _base_config(config: pytest.Config) -> VMConfig:
+    from pytest_microvm.errors import ConfigError
+
     try:
-        return VMConfig(
-            memory_mib=_setting(config, "memory"),
-            vcpus=_setting(config, "vcpus"),
-            accel=_setting(config, "accel"),
-            vsock=_setting(config, "vsock"),
-            boot_timeout=_setting(config, "boot-timeout") or default_boot_timeout(),
-            keep=_keep_on_failure(config),
-            packages=_setting(config, "packages") or (),
-            rootfs=_setting(config, "rootfs"),
-            shares=dict(Share.parse(spec) for spec in _setting(config, "shares") or ()),
-            snapshot=_setting(config, "snapshot") != "off",
-        )
+        return vm_config(_values(config), keep=_keep_on_failure(config))
     except ConfigError as exc:
         raise pytest.UsageError(f"microvm: {exc}") from None
 
@@ -146,15 +114,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "microvm(**config): configure the `microvm` fixture for this test with VMConfig fields, "
         "e.g. @pytest.mark.microvm(memory_mib=512, vcpus=2, kernel_cmdline=('quiet',))",
     )
-    for name, *_ in _OPTIONS:
-        _setting(config, name)
-    base = _base_config(config)
-    if base.accel not in ("auto", "kvm", "tcg"):
-        raise pytest.UsageError(f"--microvm-accel: {base.accel!r}; use auto, kvm or tcg")
-    if base.vsock not in ("auto", "kernel", "userspace"):
-        raise pytest.UsageError(f"--microvm-vsock: {base.vsock!r}; use auto, kernel or userspace")
-    if _setting(config, "snapshot") not in ("auto", "off"):
-        raise pytest.UsageError(f"--microvm-snapshot: {_setting(config, 'snapshot')!r}; use auto or off")
+    _values(config)  # a bad option fails the run now, before any test
     if (_setting(config, "pool") or 0) < 0:
         raise pytest.UsageError("--microvm-pool: must be 0 or more")
     sigterm = config.stash[_SIGTERM] = SigtermUnwinds()
@@ -195,11 +155,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def _pool(config: pytest.Config) -> ClonePool:
     if _POOL not in config.stash:
+        from pytest_microvm.machine.pool import ClonePool
+        from pytest_microvm.machine.snapshot.policy import Templates
+
         config.stash[_POOL] = ClonePool(Templates(_setting(config, "cache-dir")), size=_setting(config, "pool") or 0)
     return config.stash[_POOL]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pytest_microvm.cache import cache_dir
+    from pytest_microvm.errors import ConfigError
+    from pytest_microvm.image.sources import describe_kernel
+    from pytest_microvm.machine import choose, detect_host
+
     host = detect_host()
     base = _base_config(config)
     if host.qemu is None:
@@ -227,6 +195,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None) -> GuestImage:
     """The image with the session's kernel and features and this root; built once per
     session for each root asked for (cached across sessions, locked across workers)."""
+    from pytest_microvm.image import build_image
+    from pytest_microvm.image.builder import root_request
+
     images = config.stash.setdefault(_IMAGES, {})
     key = root_request(packages, rootfs)
     if key not in images:
@@ -236,15 +207,8 @@ def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None)
             if reporter is not None:
                 reporter.write_line(f"microvm image: {message}")
 
-        images[key] = build_image(
-            kernel=_setting(config, "kernel"),
-            modules=_setting(config, "modules"),
-            cache=_setting(config, "cache-dir"),
-            progress=progress,
-            features=_setting(config, "features") or (),
-            packages=packages,
-            rootfs=rootfs,
-        )
+        request = {**image_request(_values(config)), "packages": packages, "rootfs": rootfs}
+        images[key] = build_image(**request, progress=progress)
     return images[key]
 
 
@@ -257,6 +221,9 @@ def microvm_image(pytestconfig: pytest.Config) -> GuestImage:
 @pytest.fixture
 def microvm_config(request: pytest.FixtureRequest, microvm_image: GuestImage) -> VMConfig:
     """The VM configuration for this test: options and ini keys, then the marker, then hooks."""
+    from pytest_microvm.errors import ConfigError
+    from pytest_microvm.machine import VMConfig
+
     cfg = _base_config(request.config).with_(image=microvm_image)
     marker = request.node.get_closest_marker("microvm")
     if marker is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import random
 import socket
@@ -27,12 +26,12 @@ import time
 from types import TracebackType
 from typing import Any
 
-from pytest_microvm import _wait
+from pytest_microvm import _logging, _wait
 from pytest_microvm.channel.allocation import LAST_CID, Claim, claim_random
 from pytest_microvm.channel.base import Channel, Listener, bind_free, refused, unanswered
 from pytest_microvm.errors import CommandTimeout, MicroVMError
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 VMADDR_CID_HOST = 2
 DEFAULT_PORT = 1024
 # CIDs are drawn from here: each is also the agent's host port, and ports below 1024 need

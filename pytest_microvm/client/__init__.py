@@ -18,7 +18,6 @@ three modules, each with one job —
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -27,6 +26,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO
 
+from pytest_microvm import _logging
 from pytest_microvm import protocol as p
 from pytest_microvm.client import commands, connection, files
 from pytest_microvm.client.commands import PROBE_ARGV, Command, Process
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from pytest_microvm.channel.base import Listener
 
 __all__ = ["HELLO_WAIT", "PROBE_ARGV", "AgentClient", "Command", "Process", "Sink", "connect_agent", "summarize"]
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 # How long one accepted connection may take to say HELLO before the next is taken: the
 # agent says it at once, and a connection its guest gave up on (a connect that timed out

@@ -14,14 +14,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import hmac
-import logging
 import shlex
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-from pytest_microvm import _wait
+from pytest_microvm import _logging, _wait
 from pytest_microvm import protocol as p
 from pytest_microvm.errors import (
     AgentError,
@@ -34,7 +33,7 @@ from pytest_microvm.errors import (
 
 # The package's logger rather than this module's: log records keep the names they had
 # before the client was split into modules (pytest_microvm.client and .client.<name>).
-log = logging.getLogger("pytest_microvm.client")
+log = _logging.logger("pytest_microvm.client")
 
 # Receives a job's output (or a GET's content) as it arrives, on the reader thread.
 Sink = Callable[[p.FrameType, bytes], None]

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_microvm import _logging
 from pytest_microvm.cache import cache_dir as default_cache_dir
 from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
@@ -41,7 +41,7 @@ from pytest_microvm.image.sources import (
     user_kernel,
 )
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 # Bump when the image layout or what /init expects changes: old cache entries then stop matching.
 BUILDER_VERSION = "3"

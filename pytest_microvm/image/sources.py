@@ -280,13 +280,6 @@ def user_kernel(path: Path, moddir: Path | None, cache: Path, progress: Progress
     return _load_collected(final, key)
 
 
-KERNEL_KEYWORDS = ("debian", "source")
-KERNEL_HELP = (
-    "guest kernel: debian (default; Debian's linux-image-amd64), source (a small kernel built once "
-    "from Debian's linux-source: boots in about half the time), or a bzImage, vmlinux or kernel .deb"
-)
-
-
 def describe_kernel(kernel: str | None, cache: Path) -> str:
     """One line naming the kernel a build would use, without building (for the pytest header)."""
     if kernel == "source":

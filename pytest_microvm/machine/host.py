@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_microvm.options import ACCELS, VSOCKS  # the one list of each (the option table's)
+
 
 @dataclass(frozen=True)
 class Capability:
@@ -80,10 +82,6 @@ def detect_host(root: Path = Path("/")) -> HostReport:
         qemu=qemu,
         qemu_version=qemu_version(qemu) if qemu else None,
     )
-
-
-ACCELS = ("auto", "kvm", "tcg")
-VSOCKS = ("auto", "kernel", "userspace")
 
 
 @dataclass(frozen=True)

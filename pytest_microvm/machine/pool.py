@@ -6,11 +6,10 @@ is :class:`~pytest_microvm.machine.snapshot.Templates`' decision.
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass, field
 
-from pytest_microvm import _wait
+from pytest_microvm import _logging, _wait
 from pytest_microvm.machine import storage
 from pytest_microvm.machine.config import VMConfig
 from pytest_microvm.machine.host import HostReport, detect_host
@@ -18,7 +17,7 @@ from pytest_microvm.machine.snapshot.key import why_not
 from pytest_microvm.machine.snapshot.policy import Templates
 from pytest_microvm.machine.vm import MicroVM, QemuArgsHook, Runstate
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 
 @dataclass

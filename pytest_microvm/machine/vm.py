@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pytest_microvm import _wait
+from pytest_microvm import _logging, _wait
 from pytest_microvm.channel import Channel, Listener, open_channel
 from pytest_microvm.client import AgentClient, Command, Process, connect_agent, summarize
 from pytest_microvm.errors import (
@@ -56,7 +55,7 @@ if TYPE_CHECKING:
 
     from pytest_microvm.machine.ssh import GuestSsh
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 T = TypeVar("T")
 QemuArgsHook = Callable[["VMConfig", list[str]], list[str]]
 

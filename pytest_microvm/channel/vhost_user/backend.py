@@ -9,19 +9,19 @@ round. When QEMU disconnects the backend closes every connection and returns.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import socket
 import struct
 import time
 
+from pytest_microvm import _logging
 from pytest_microvm.channel.vhost_user import messages as m
 from pytest_microvm.channel.vhost_user.memory import BadAddress, GuestMemory
 from pytest_microvm.channel.vhost_user.virtqueue import Virtqueue
 from pytest_microvm.channel.vhost_user.vsock import MAX_CONTROL_BACKLOG, Muxer
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 RX, TX = 0, 1
 _MAX_VRING_SIZE = 32768

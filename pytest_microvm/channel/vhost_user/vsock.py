@@ -19,17 +19,17 @@ from __future__ import annotations
 import collections
 import enum
 import errno
-import logging
 import select
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
 
+from pytest_microvm import _logging
 from pytest_microvm.channel.vhost_user.memory import GuestMemory
 from pytest_microvm.channel.vhost_user.virtqueue import Chain, Virtqueue
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 HDR = struct.Struct("<QQIIIHHIII")  # src_cid dst_cid src_port dst_port len type op flags buf_alloc fwd_cnt
 HDR_SIZE = HDR.size  # 44

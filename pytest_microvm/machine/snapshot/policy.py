@@ -8,12 +8,12 @@ with a warning that says why (once per reason and process).
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pytest_microvm import _logging
 from pytest_microvm.cache import cache_dir
 from pytest_microvm.errors import GuestError, MicroVMError, ProtocolError
 from pytest_microvm.image import GuestImage
@@ -26,7 +26,7 @@ from pytest_microvm.machine.snapshot.store import Template, make_template
 from pytest_microvm.machine.snapshot.strategies import restore_clone, save_template
 from pytest_microvm.machine.vm import MicroVM, QemuArgsHook
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 
 Save = Callable[[VMConfig, GuestImage, HostReport, Path], str]

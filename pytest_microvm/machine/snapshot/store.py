@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -23,10 +22,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pytest_microvm import _logging
 from pytest_microvm.cache import cache_dir, cached_build
 from pytest_microvm.machine.snapshot.errors import TemplateBroken
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 UNUSED_DAYS = 14  # a template no clone came from for this long is removed when another is made
 

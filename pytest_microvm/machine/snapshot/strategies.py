@@ -31,7 +31,6 @@ and the guest's probe of a new PCI device (and the template its settle time).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 import shlex
@@ -40,7 +39,7 @@ import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from pytest_microvm import _wait
+from pytest_microvm import _logging, _wait
 from pytest_microvm.client import AgentClient
 from pytest_microvm.image import GuestImage
 from pytest_microvm.machine import launch
@@ -54,7 +53,7 @@ from pytest_microvm.machine.snapshot.ram import CloneRam, clone_ram, punch_zero_
 from pytest_microvm.machine.snapshot.store import Template
 from pytest_microvm.machine.vm import MicroVM
 
-log = logging.getLogger(__name__)
+log = _logging.logger(__name__)
 
 HOTPLUG_PORT = "microvm-hotplug"  # the PCIe root port the vsock device sits on
 VSOCK_ID = "microvm-vsock"

@@ -1,0 +1,223 @@
+"""The VM options, each defined once: the plugin's flags and ini keys and the CLI's flags
+are derived from :data:`OPTIONS`, and :func:`vm_config` turns their values into a VMConfig.
+
+Adding an option is one entry here (and the VMConfig field it sets, if any). The standard
+library only: the plugin and ``microvm --help`` read this table before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterable, Mapping
+
+TYPE_CHECKING = False  # typing and dataclasses would be a third of `microvm --help`'s time
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pytest_microvm.image import GuestImage
+    from pytest_microvm.machine.config import VMConfig
+
+ACCELS = ("auto", "kvm", "tcg")
+VSOCKS = ("auto", "kernel", "userspace")
+KERNEL_KEYWORDS = ("debian", "source")
+KERNEL_HELP = (
+    "guest kernel: debian (default; Debian's linux-image-amd64), source (a small kernel built once "
+    "from Debian's linux-source: boots in about half the time), or a bzImage, vmlinux or kernel .deb"
+)
+
+# Where the CLI takes an option: "vm" (run, shell), "image" (image build, image check), "doctor".
+VM, IMAGE, DOCTOR = "vm", "image", "doctor"
+
+
+class OptionError(ValueError):
+    """A value an option cannot take; the message says which and why."""
+
+
+class Option:
+    """One VM option.
+
+    ``name`` gives the pytest flag ``--microvm-NAME``, the ini key ``microvm_NAME`` (dashes
+    as underscores) and, where ``cli`` names commands, the CLI flag ``--NAME`` (or ``cli_flag``).
+    ``kind`` is how a value is read: int, float, str, list (comma-separated; on the CLI a
+    repeated flag where ``cli_repeat``), path (must exist), kernel (a keyword or a path),
+    rootfs ("host" or a path), flag (on or off). ``default`` is written as in an ini file.
+    ``cli_hidden``: the commands of ``cli`` whose --help does not show it. ``plugin``: a
+    pytest option and ini key (else the marker and VMConfig only).
+    ``template_key``: whether the value is part of a snapshot template's key (directly, or
+    through the image it builds), so that VMs that differ in it never share a template.
+    """
+
+    __slots__ = (
+        "choices",
+        "cli",
+        "cli_flag",
+        "cli_hidden",
+        "cli_repeat",
+        "default",
+        "help",
+        "kind",
+        "metavar",
+        "name",
+        "plugin",
+        "template_key",
+    )  # fmt: skip
+
+    def __init__(
+        self, name: str, kind: str, help: str, default: str | None = None, choices: tuple[str, ...] = (), *,
+        cli: tuple[str, ...] = (), cli_hidden: tuple[str, ...] = (), cli_flag: str | None = None,
+        cli_repeat: bool = False, metavar: str | None = None, template_key: bool = False, plugin: bool = True,
+    ) -> None:  # fmt: skip
+        self.name, self.kind, self.help, self.default, self.choices = name, kind, help, default, choices
+        self.cli, self.cli_hidden, self.cli_flag, self.cli_repeat = cli, cli_hidden, cli_flag, cli_repeat
+        self.metavar, self.template_key, self.plugin = metavar, template_key, plugin
+
+    def __repr__(self) -> str:
+        return f"Option({self.name!r})"
+
+    @property
+    def ini(self) -> str:
+        return "microvm_" + self.name.replace("-", "_")
+
+    @property
+    def flag(self) -> str:
+        return f"--microvm-{self.name}"
+
+    def convert(self, value: Any) -> Any:
+        """``value`` as written (a string, or a list of them for a repeated CLI flag) as this
+        option's type; None for no value. OptionError says what is wrong."""
+        if value in (None, "", []):
+            return None
+        if self.kind == "flag":
+            return bool(value)
+        if self.kind == "list":
+            items = value if isinstance(value, list) else [value]
+            return tuple(v.strip() for item in items for v in str(item).replace("\n", ",").split(",") if v.strip())
+        value = str(value)
+        if self.choices and value not in self.choices:
+            raise OptionError(f"{value!r}; use {_either(self.choices)}")
+        try:
+            if self.kind == "int":
+                return int(value)
+            if self.kind == "float":
+                return float(value)
+        except ValueError:
+            raise OptionError(f"{value!r} is not a number") from None
+        if (self.kind == "kernel" and value in KERNEL_KEYWORDS) or (self.kind == "rootfs" and value == "host"):
+            return value
+        if self.kind in ("path", "kernel", "rootfs") and not os.path.exists(value):
+            raise OptionError(f"{value} does not exist")
+        return value
+
+
+def _either(choices: Iterable[str]) -> str:
+    *first, last = choices
+    return f"{', '.join(first)} or {last}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("accel", "str", "how guests run (auto: kvm when usable, else tcg, with a warning)", "auto",
+           ACCELS, cli=(VM, DOCTOR), template_key=True),
+    Option("vsock", "str", "the vsock device's backend (auto: kernel where /dev/vhost-vsock is usable)", "auto",
+           VSOCKS, cli=(VM, DOCTOR), template_key=True),
+    Option("kernel", "kernel", KERNEL_HELP, cli=(VM, IMAGE, DOCTOR), metavar="debian|source|PATH", template_key=True),
+    Option("modules", "path", "lib/modules/<release> tree for the kernel, if it needs modules",
+           cli=(VM, IMAGE), cli_hidden=(VM,), metavar="DIR", template_key=True),
+    Option("memory", "int", "guest memory in MiB", "256", cli=(VM,), metavar="MIB", template_key=True),
+    Option("vcpus", "int", "guest vCPUs (under TCG one is fastest)", "1", cli=(VM,), metavar="N", template_key=True),
+    Option("boot-timeout", "float",
+           "seconds a guest may take to become ready (default 120, or $MICROVM_BOOT_TIMEOUT)", cli=(VM,),
+           metavar="S"),
+    Option("cache-dir", "path", "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)",
+           cli=(VM, IMAGE, DOCTOR), cli_hidden=(VM, DOCTOR), metavar="DIR"),
+    Option("features", "list", "image features, comma-separated: ssh (dropbear, for vm.ssh())",
+           cli=(VM, IMAGE), metavar="A,B", template_key=True),
+    Option("packages", "list", "distro packages for the guest's root, comma-separated, from the host's apt",
+           cli=(VM, IMAGE), metavar="A,B", template_key=True),
+    Option("rootfs", "rootfs", "the guest's root instead: a directory, a tar, or host (the host's / over 9p)",
+           cli=(VM, IMAGE), metavar="DIR|TAR|host", template_key=True),
+    # Only how many shares is in a template's key: their host paths live in QEMU's fsdev.
+    Option("shares", "list", "host directories in the guest over 9p: HOST:GUEST[:ro] (:ro refuses writes), "
+           "comma-separated; on the CLI --share, once for each", cli=(VM,), cli_flag="--share", cli_repeat=True,
+           metavar="HOST:GUEST[:ro]", template_key=True),
+    Option("network", "flag", "give the guest a NIC on QEMU's user-mode network (NAT); such VMs boot",
+           cli=(VM,), plugin=False),
+    Option("snapshot", "str", "auto: fresh VMs are clones of a snapshot template where possible; off: they boot",
+           "auto", ("auto", "off"), cli=(VM,)),
+    Option("pool", "int", "clones made ahead in the background, of the configuration used last (0: none)", "1"),
+)  # fmt: skip
+
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def plugin_options() -> tuple[Option, ...]:
+    return tuple(o for o in OPTIONS if o.plugin)
+
+
+def add_cli_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """The options ``command`` (VM, IMAGE or DOCTOR) takes, as argparse flags; their values
+    stay strings (or lists) for :func:`cli_values` to read as the plugin does."""
+    for o in OPTIONS:
+        if command not in o.cli:
+            continue
+        flag = o.cli_flag or f"--{o.name}"
+        default = f" (default {o.default})" if o.default else ""
+        text = argparse.SUPPRESS if command in o.cli_hidden else o.help + default
+        dest = o.name.replace("-", "_")
+        if o.kind == "flag":
+            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=text)
+        else:
+            action = "append" if o.cli_repeat else "store"
+            parser.add_argument(
+                flag, dest=dest, action=action, choices=o.choices or None, default=None, metavar=o.metavar, help=text
+            )
+
+
+def cli_values(args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """The options of ``command`` from parsed arguments, converted; OptionError names the flag."""
+    values = {}
+    for o in OPTIONS:
+        if command in o.cli:
+            raw = getattr(args, o.name.replace("-", "_"))
+            try:
+                values[o.name] = o.convert(o.default if raw is None else raw)
+            except OptionError as exc:
+                raise OptionError(f"{o.cli_flag or '--' + o.name}: {exc}") from None
+    return values
+
+
+def vm_config(values: Mapping[str, Any], image: GuestImage | None = None, **changes: Any) -> VMConfig:
+    """The VMConfig the options' ``values`` (by name, converted; absent: the default) ask for."""
+    from pytest_microvm.machine.config import Share, VMConfig, default_boot_timeout
+
+    def value(name: str) -> Any:
+        if name in values:
+            return values[name]
+        return BY_NAME[name].convert(BY_NAME[name].default)
+
+    return VMConfig(
+        image=image,
+        memory_mib=value("memory"),
+        vcpus=value("vcpus"),
+        accel=value("accel"),
+        vsock=value("vsock"),
+        boot_timeout=value("boot-timeout") or default_boot_timeout(),
+        network=bool(value("network")),
+        packages=value("packages") or (),
+        rootfs=value("rootfs"),
+        shares=dict(Share.parse(spec) for spec in value("shares") or ()),
+        snapshot=value("snapshot") != "off",
+        **changes,
+    )
+
+
+def image_request(values: Mapping[str, Any]) -> dict[str, Any]:
+    """build_image's keyword arguments from the options' ``values`` (by name, converted)."""
+    return {
+        "kernel": values.get("kernel"),
+        "modules": values.get("modules"),
+        "cache": values.get("cache-dir"),
+        "features": values.get("features") or (),
+        "packages": values.get("packages") or (),
+        "rootfs": values.get("rootfs"),
+    }
