@@ -113,10 +113,17 @@ class ForkedBackend:
             self._pidfd = -1
 
 
+class _Unanswered(Exception):
+    """The fork server runs but has not answered in time (a very loaded host)."""
+
+
 class ForkServer:
     """This process's fork server: started on first use, started again if it died.
 
-    Requests come from any thread (a test's, the clone pool's), one at a time.
+    Requests come from any thread (a test's, the clone pool's), one at a time, each with
+    an id its reply repeats: a reply that comes after its request gave up (Ctrl-C, a very
+    loaded host) is known as such, and the backend it forked for nobody is killed. A server
+    that is slow is never killed for it: its other children serve running VMs.
     """
 
     def __init__(self) -> None:
@@ -125,6 +132,8 @@ class ForkServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._owner = 0  # the pid that started it: a forked copy of this process starts its own
+        self._last_id = 0
+        self.answer_timeout = 30.0  # an interpreter starting on a loaded 2-core host
 
     @property
     def pid(self) -> int | None:
@@ -165,15 +174,26 @@ class ForkServer:
     def _request(
         self, sock: socket.socket, request: dict[str, Any], fds: list[int]
     ) -> tuple[dict[str, Any], list[int]]:
+        self._last_id += 1
+        request = {**request, "id": self._last_id}
         socket.send_fds(sock, [json.dumps(request).encode()], fds)
-        deadline = time.monotonic() + 30  # an interpreter starting on a loaded 2-core host
-        while not select.select([sock], [], [], 0.25)[0]:  # sliced: Ctrl-C gets in
-            if (self._proc is not None and self._proc.poll() is not None) or time.monotonic() > deadline:
-                raise ConnectionError("no answer")
-        data, reply_fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
-        if not data:
-            raise ConnectionError("end of file")
-        return json.loads(data), reply_fds
+        deadline = time.monotonic() + self.answer_timeout
+        while True:
+            while not select.select([sock], [], [], 0.25)[0]:  # sliced: Ctrl-C gets in
+                if self._proc is not None and self._proc.poll() is not None:
+                    raise ConnectionError(f"it {describe_status(self._proc.returncode)}")
+                if time.monotonic() > deadline:
+                    raise _Unanswered
+            data, reply_fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+            if not data:
+                raise ConnectionError("end of file")
+            reply = json.loads(data)
+            if reply.get("id") == request["id"]:
+                return reply, reply_fds
+            for fd in reply_fds:  # a backend forked for a request that gave up: nobody's
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
 
     def fork(self, control: socket.socket, stderr: IO[bytes], uds: str, guest_cid: int) -> ForkedBackend:
         """A backend for one VM: QEMU connects to ``control``, its stderr goes to ``stderr``."""
@@ -187,6 +207,11 @@ class ForkServer:
                     reply, fds = self._request(sock, request, [control.fileno(), stderr.fileno()])
                     server = self._proc
                     break
+                except _Unanswered:
+                    raise BackendError(
+                        f"the vsock backends' fork server did not answer within {self.answer_timeout:g} s "
+                        "(is the host overloaded?)"
+                    ) from None
                 except (OSError, ConnectionError, ValueError) as exc:
                     # It died (killed, out of memory): a new one serves this VM and later ones.
                     tail = self._discard()

@@ -192,3 +192,48 @@ def test_a_server_that_cannot_start_is_a_clear_error(
     with (tmp_path / "log").open("wb") as log, pytest.raises(BackendError, match="fork server failed twice"):
         server.fork(control, log, str(tmp_path / "vsock"), 3)
     control.close()
+
+
+def test_a_slow_server_is_not_killed_and_its_late_answer_is_not_taken_for_the_next(
+    server: ForkServer, tmp_path: Path
+) -> None:
+    with backend_for(server, tmp_path / "running") as (running, q):
+        pid = server.pid
+        assert pid is not None
+        server.answer_timeout = 0.5
+        os.kill(pid, signal.SIGSTOP)  # a server that cannot answer for now
+        try:
+            with (
+                pytest.raises(BackendError, match=r"did not answer within 0\.5 s"),
+                backend_for(server, tmp_path / "x"),
+            ):
+                pass
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        server.answer_timeout = 30.0
+        # Its late answer (a backend forked for nobody) is passed over, and that backend ends.
+        with backend_for(server, tmp_path / "next") as (following, next_q):
+            assert server.pid == pid  # the same server: a slow one is not replaced
+            _exchange(next_q, _connection(next_q, 1024), 1024, b"its own answer")
+            _exchange(q, _connection(q, 2048), 2048, b"still served")  # the running VM lost nothing
+            assert following.exited() is None and running.exited() is None
+        orphans = [c for c in _children(pid) if c not in (running.pid,)]
+        deadline = time.monotonic() + 10
+        while orphans and time.monotonic() < deadline:
+            time.sleep(0.05)
+            orphans = [c for c in _children(pid) if c not in (running.pid,)]
+        assert orphans == [], "the backend forked for the request that gave up still runs"
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) children of ``pid``."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry))
+    return kids

@@ -10,10 +10,12 @@ fail that VM's device, never another's streams.
 
 The protocol on the inherited ``SOCK_SEQPACKET`` socket, one datagram each way:
 
-- request: JSON ``{"uds": PATH, "guest_cid": N}`` with two fds: the listening
+- request: JSON ``{"id": N, "uds": PATH, "guest_cid": N}`` with two fds: the listening
   vhost-user socket QEMU will connect to, and the file the backend's stderr goes to;
-- reply: JSON ``{"pid": N}`` with one fd, a pidfd of the child (the harness watches and
-  stops it through that, with no race against pid reuse), or ``{"error": TEXT}``.
+- reply: JSON ``{"id": N, "pid": N}`` with one fd, a pidfd of the child (the harness
+  watches and stops it through that, with no race against pid reuse), or
+  ``{"id": N, "error": TEXT}``. The id is the request's, so that a reply that comes late
+  is not taken for the answer to a later request.
 
 The harness cannot learn a grandchild's exit status, so the server, which reaps each
 child the moment it ends, appends how it ended to that child's stderr file, as the last
@@ -148,6 +150,7 @@ def serve(sock: socket.socket) -> int:
                 reply: dict[str, object] = {"error": f"unreadable request: {exc}"}
             else:
                 reply, reply_fds = _fork(sock, request, fds, children)
+                reply["id"] = request.get("id")  # which request this answers (see the docstring)
             socket.send_fds(sock, [json.dumps(reply).encode()], reply_fds)
         finally:
             for fd in fds + reply_fds:
