@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tenacity import Retrying, retry_if_exception_type, wait_fixed
-
 T = TypeVar("T")
 
 SLICE = 0.25  # the longest a pending Ctrl-C or SIGTERM waits to be raised
@@ -69,6 +67,8 @@ def until_deadline(
 ) -> T:
     """``call()`` again every ``interval`` seconds while it raises one of ``errors``; once
     ``deadline`` (``time.monotonic()``) has passed, the last such error is raised."""
+    from tenacity import Retrying, retry_if_exception_type, wait_fixed
+
     retrying = Retrying(
         retry=retry_if_exception_type(errors),
         stop=lambda _state: time.monotonic() > deadline,

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 ENV_VAR = "MICROVM_CACHE_DIR"
 
 
@@ -42,6 +40,8 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> bool:
     (or another process built it while this one waited for the lock).
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock  # here: reading the cache's path needs no lock
+
     with FileLock(str(final) + ".lock"):
         if final.exists():
             return False

@@ -114,7 +114,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "microvm(**config): configure the `microvm` fixture for this test with VMConfig fields, "
         "e.g. @pytest.mark.microvm(memory_mib=512, vcpus=2, kernel_cmdline=('quiet',))",
     )
-    _values(config)  # a bad option fails the run now, before any test
+    _base_config(config)  # a bad option or combination fails the run now, before any test
     if (_setting(config, "pool") or 0) < 0:
         raise pytest.UsageError("--microvm-pool: must be 0 or more")
     sigterm = config.stash[_SIGTERM] = SigtermUnwinds()

@@ -12,12 +12,14 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union, cast
+from typing import TYPE_CHECKING, Any, Union, cast
 
 from pytest_microvm.channel.kernel import DEFAULT_PORT
 from pytest_microvm.errors import ConfigError
-from pytest_microvm.image import GuestImage
 from pytest_microvm.image.kernel import MODULE_GROUPS
+
+if TYPE_CHECKING:
+    from pytest_microvm.image import GuestImage
 
 
 @dataclass(frozen=True)
