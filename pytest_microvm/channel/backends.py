@@ -48,6 +48,13 @@ class BackendProcess(Protocol):
         """SIGTERM, SIGKILL after ``grace`` seconds; returns once it has ended."""
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """poll, not select: a test process holding many VMs has descriptors past 1024."""
+    events = select.poll()
+    events.register(fd, select.POLLIN)
+    return bool(events.poll(timeout * 1000))
+
+
 class SpawnedBackend:
     """A backend in an interpreter of its own, a child of this process."""
 
@@ -73,9 +80,7 @@ class ForkedBackend:
         self._server = server  # the server that forked it: its children end with it
 
     def _ended(self, timeout: float) -> bool:
-        if self._pidfd < 0:
-            return True
-        return bool(select.select([self._pidfd], [], [], timeout)[0])
+        return self._pidfd < 0 or _readable(self._pidfd, timeout)
 
     def exited(self) -> str | None:
         if not self._ended(0):
@@ -179,7 +184,7 @@ class ForkServer:
         socket.send_fds(sock, [json.dumps(request).encode()], fds)
         deadline = time.monotonic() + self.answer_timeout
         while True:
-            while not select.select([sock], [], [], 0.25)[0]:  # sliced: Ctrl-C gets in
+            while not _readable(sock.fileno(), _wait.SLICE):  # sliced: Ctrl-C gets in
                 if self._proc is not None and self._proc.poll() is not None:
                     raise ConnectionError(f"it {describe_status(self._proc.returncode)}")
                 if time.monotonic() > deadline:

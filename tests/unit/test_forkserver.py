@@ -21,6 +21,7 @@ import pytest
 from pytest_microvm.channel.backends import BackendError, ForkedBackend, ForkServer
 from pytest_microvm.channel.vhost_user import messages as m
 from pytest_microvm.channel.vhost_user.vsock import Op
+from tests.agent_harness import processes_mentioning
 from tests.vhost_fake import FakeQemu
 
 
@@ -95,6 +96,8 @@ def test_one_backend_failing_leaves_the_others_byte_exact(server: ForkServer, tm
         vms = [stack.enter_context(backend_for(server, tmp_path / f"vm{i}")) for i in range(3)]
         conns = [_connection(q, 1024) for _b, q in vms]
         assert len({b.pid for b, _q in vms}) == 3  # a process per VM
+        for i, (b, _q) in enumerate(vms):  # each holds its own VM's files, not the others'
+            assert set(processes_mentioning(str(tmp_path / f"vm{i}"))) == {b.pid, server.pid}
 
         # VM 0's "QEMU" sends a header announcing an oversized payload: its device fails...
         (bad, bad_q), *good = vms

@@ -108,6 +108,9 @@ def _fork(
         status = 1
         try:
             sock.close()
+            for other in children.values():  # the other VMs' logs are not this backend's to hold
+                os.close(other.pidfd)
+                os.close(other.stderr_fd)
             status = _serve_child(fds[0], fds[1], uds, guest_cid, server)
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
@@ -126,7 +129,11 @@ def serve(sock: socket.socket) -> int:
     """Answer requests on ``sock`` until it reaches end of file."""
     children: dict[int, _Child] = {}
     while True:
-        ready, _, _ = select.select([sock.fileno(), *(c.pidfd for c in children.values())], [], [])
+        # poll, not select: with hundreds of VMs the descriptors pass select's limit of 1024.
+        events = select.poll()
+        for fd in (sock.fileno(), *(c.pidfd for c in children.values())):
+            events.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in events.poll()}
         for child in [c for c in children.values() if c.pidfd in ready]:
             del children[child.pid]
             child.reap()
