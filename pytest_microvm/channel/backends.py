@@ -8,13 +8,15 @@ Two ways, one interface (:class:`BackendProcess`), chosen in :func:`start_backen
 - :class:`SpawnedBackend`: an interpreter of its own (``python -m
   pytest_microvm.channel.vhost_user``). For a VM kept running after this process exits
   (``--keep``, keep-on-failure: its backend must outlive the fork server), and with
-  ``MICROVM_VSOCK_BACKEND=own`` (a backend to debug on its own; the benchmarks' baseline).
+  ``MICROVM_VSOCK_BACKEND=own`` (a backend to debug on its own; the benchmarks' baseline),
+  and on kernels older than 5.3, which have no pidfds.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import json
 import os
 import select
@@ -247,6 +249,17 @@ def fork_server() -> ForkServer:
     return _SERVER
 
 
+@functools.cache
+def _pidfds_work() -> bool:
+    """Whether this kernel has pidfds (Linux 5.3 and later), which the fork server's
+    backends are watched through; without them every VM's backend is an interpreter of its own."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def start_backend(
     control: socket.socket, stderr: IO[bytes], uds: str, guest_cid: int, *, die_with_parent: bool
 ) -> BackendProcess:
@@ -254,7 +267,7 @@ def start_backend(
 
     The one place that chooses how a backend runs (see the module docstring).
     """
-    if die_with_parent and os.environ.get("MICROVM_VSOCK_BACKEND", "fork") != "own":
+    if die_with_parent and os.environ.get("MICROVM_VSOCK_BACKEND", "fork") != "own" and _pidfds_work():
         return _SERVER.fork(control, stderr, uds, guest_cid)
     argv = [sys.executable, "-m", "pytest_microvm.channel.vhost_user", "--socket-fd", str(control.fileno())]
     argv += ["--uds", uds, "--guest-cid", str(guest_cid)]
