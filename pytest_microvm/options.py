@@ -128,7 +128,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("boot-timeout", "float",
            "seconds a guest may take to become ready (default 120, or $MICROVM_BOOT_TIMEOUT)", cli=(VM,),
            metavar="S"),
-    Option("cache-dir", "path", "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)",
+    # "str", not "path": a cache directory that does not exist yet is made.
+    Option("cache-dir", "str", "image cache (default: $MICROVM_CACHE_DIR or ~/.cache/pytest-microvm)",
            cli=(VM, IMAGE, DOCTOR), cli_hidden=(VM, DOCTOR), metavar="DIR"),
     Option("features", "list", "image features, comma-separated: ssh (dropbear, for vm.ssh())",
            cli=(VM, IMAGE), metavar="A,B", template_key=True),

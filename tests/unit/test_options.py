@@ -69,6 +69,7 @@ def test_cli_and_plugin_read_a_value_the_same_way() -> None:
     assert options.BY_NAME["packages"].convert("python3, curl") == ("python3", "curl")
     assert options.BY_NAME["shares"].convert(["/a:/x", "/b:/y:ro"]) == ("/a:/x", "/b:/y:ro")  # --share, twice
     assert options.BY_NAME["kernel"].convert("source") == "source"
+    assert options.BY_NAME["cache-dir"].convert("/not/yet/made") == "/not/yet/made"  # a cache is made
     with pytest.raises(OptionError, match="/no/such does not exist"):
         options.BY_NAME["kernel"].convert("/no/such")
 

@@ -775,8 +775,8 @@ class FakeVM:
     def stop(self, *, graceful: bool = True, timeout: float = 10.0, keep: bool | None = None) -> None:
         self.ctx.events.append(("stop", graceful))
 
-    def run(self, cmd: list[str], **kwargs: Any) -> None:
-        self.ctx.events.append(("run", " ".join(cmd)))
+    def write_file(self, remote: str, data: bytes) -> None:
+        self.ctx.events.append(("write_file", remote, data))
 
 
 class FakeVMs:
@@ -811,7 +811,7 @@ def test_save_template_boots_saves_and_stops_the_template_vm(tmp_path: Path, vms
     assert isinstance(vm.launch, SaveTemplate) and vm.launch.ram == staging / "ram"
     assert without_polls(vm.ctx.events) == [
         ("start",),
-        ("run", "sh -c sync; echo 3 > /proc/sys/vm/drop_caches"),  # what is only cache is not saved
+        ("write_file", "/proc/sys/vm/drop_caches", b"3\n"),  # what is only cache is not saved
         ("disconnect_agent",),
         ("pause",),
         ("set_migration_capabilities", {"x_ignore_shared": True}),
