@@ -324,8 +324,11 @@ def save_template(
         vm.write_file("/proc/sys/vm/drop_caches", b"3\n")
         made[-1].save(staging / "state")
         # The guest is paused and its RAM final (x-ignore-shared: the file is the RAM).
-        punched = punch_zero_pages(staging / "ram")
-        log.debug("template RAM: %d MiB of zero pages made holes", punched >> 20)
+        try:
+            punched = punch_zero_pages(staging / "ram")
+            log.debug("template RAM: %d MiB of zero pages made holes", punched >> 20)
+        except OSError as exc:  # a cache on a file system without holes: clones copy more
+            log.warning("template RAM: its zero pages cannot be made holes (%s); clones copy them", exc)
         return vm.token
     finally:
         vm.stop(graceful=False)
