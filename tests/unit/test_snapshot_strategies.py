@@ -12,6 +12,7 @@ descriptors it holds (``release``), the choice of ``vsock_in_snapshot``, and
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shlex
@@ -865,3 +866,16 @@ def test_restore_clone_passes_a_failed_restore_through(tmp_path: Path, template:
         restore_clone(VMConfig(), template, host_report(), name="c1")
     assert info.value is broken and len(vms.made) == 1  # not a taken CID: no second attempt
     vms.made[0].launch.release()
+
+
+def test_save_template_on_a_file_system_without_holes_is_still_made(
+    tmp_path: Path, vms: FakeVMs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_holes(path: Path) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(strategies, "punch_zero_pages", no_holes)
+    token = save_template(VMConfig(), guest_image(tmp_path), host_report(), tmp_path / "staging")
+    (vm,) = vms.made
+    assert token == vm.token and without_polls(vm.ctx.events)[-1] == ("stop", False)
+    assert "cannot be made holes" in caplog.text
