@@ -13,7 +13,7 @@ _PR_SET_PDEATHSIG = 1
 _libc: ctypes.CDLL | None = None
 
 
-def _load_libc() -> ctypes.CDLL:
+def load_libc() -> ctypes.CDLL:
     # In the parent, once: find_library may run ldconfig, which has no place between fork
     # and exec (and, cached only in the child, it ran on every spawn).
     global _libc
@@ -22,10 +22,13 @@ def _load_libc() -> ctypes.CDLL:
     return _libc
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. The kernel sends SIGKILL when the thread
-    # that forked us exits, so spawn from a long-lived thread (the main one, a pool's).
-    assert _libc is not None
+def set_parent_death_signal() -> None:
+    """SIGKILL this process when the thread that forked it exits (PR_SET_PDEATHSIG).
+
+    For a child between fork and exec, or a forked child that never execs; call
+    :func:`load_libc` before the fork (it may run ldconfig, which has no place there).
+    The thread matters: spawn from a long-lived one (the main one, a pool's)."""
+    assert _libc is not None, "load_libc() before the fork"
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
@@ -47,13 +50,13 @@ def spawn(
     failed test's VM after pytest exits); they also get their own session.
     """
     if die_with_parent:
-        _load_libc()
+        load_libc()
     return subprocess.Popen(
         list(argv),
         stdin=stdin,
         stdout=stdout,
         stderr=stderr,
-        preexec_fn=_die_with_parent if die_with_parent else None,
+        preexec_fn=set_parent_death_signal if die_with_parent else None,
         start_new_session=not die_with_parent,
         close_fds=True,
         pass_fds=tuple(pass_fds),

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_microvm.channel import backends
 from pytest_microvm.channel.backends import BackendError, ForkedBackend, ForkServer
 from pytest_microvm.channel.vhost_user import messages as m
 from pytest_microvm.channel.vhost_user.vsock import Op
-from tests.agent_harness import processes_mentioning
+from tests.agent_harness import children_of, processes_mentioning
 from tests.vhost_fake import FakeQemu
 
 
@@ -221,55 +220,9 @@ def test_a_slow_server_is_not_killed_and_its_late_answer_is_not_taken_for_the_ne
             _exchange(next_q, _connection(next_q, 1024), 1024, b"its own answer")
             _exchange(q, _connection(q, 2048), 2048, b"still served")  # the running VM lost nothing
             assert following.exited() is None and running.exited() is None
-        orphans = [c for c in _children(pid) if c not in (running.pid,)]
+        orphans = [c for c in children_of(pid) if c not in (running.pid,)]
         deadline = time.monotonic() + 10
         while orphans and time.monotonic() < deadline:
             time.sleep(0.05)
-            orphans = [c for c in _children(pid) if c not in (running.pid,)]
+            orphans = [c for c in children_of(pid) if c not in (running.pid,)]
         assert orphans == [], "the backend forked for the request that gave up still runs"
-
-
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) children of ``pid``."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                kids.append(int(entry))
-    return kids
-
-
-@pytest.mark.parametrize(
-    ("die_with_parent", "env", "pidfds", "kind"),
-    [
-        (True, None, True, "ForkedBackend"),
-        (False, None, True, "SpawnedBackend"),  # a kept VM's backend outlives this process
-        (True, "own", True, "SpawnedBackend"),
-        (True, None, False, "SpawnedBackend"),  # a kernel before 5.3
-    ],
-    ids=["default", "kept", "asked-for", "no-pidfds"],
-)
-def test_how_a_backend_runs_is_chosen_in_one_place(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, die_with_parent: bool, env: str | None, pidfds: bool, kind: str
-) -> None:
-    if env is None:
-        monkeypatch.delenv("MICROVM_VSOCK_BACKEND", raising=False)
-    else:
-        monkeypatch.setenv("MICROVM_VSOCK_BACKEND", env)
-    monkeypatch.setattr(backends, "_pidfds_work", lambda: pidfds)
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    control.bind(str(tmp_path / "control"))
-    control.listen(1)
-    with (tmp_path / "log").open("wb") as log:
-        backend = backends.start_backend(control, log, str(tmp_path / "vsock"), 3, die_with_parent=die_with_parent)
-    control.close()
-    try:
-        assert type(backend).__name__ == kind
-        assert backend.exited() is None
-    finally:
-        backend.stop(2.0)
-    assert backend.exited() is not None

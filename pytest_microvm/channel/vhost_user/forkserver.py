@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -44,7 +42,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-_PR_SET_PDEATHSIG = 1
+from pytest_microvm import _proc
+
 MAX_REQUEST = 64 * 1024
 ENDED = "]: ended: "  # the server's last line in a child's stderr file (see the docstring)
 
@@ -62,8 +61,7 @@ def describe_status(status: int) -> str:
 
 def _serve_child(control_fd: int, stderr_fd: int, uds: str, guest_cid: int, server: int) -> int:
     """In the forked child: become one VM's backend."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _proc.set_parent_death_signal()
     if os.getppid() != server:  # the server died before the line above took effect
         return 1
     os.dup2(stderr_fd, 2)
@@ -170,8 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--for-pid", type=int, required=True, help="the harness process served (to find us by)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="vhost-user-vsock[%(process)d] %(levelname)s %(message)s")
-    # Imported once here, before any fork, so that a child starts serving without importing.
+    # Imported and loaded once here, before any fork, so that a child starts serving
+    # without importing, or looking libc up (find_library may run ldconfig).
     import pytest_microvm.channel.vhost_user.backend  # noqa: F401
+
+    _proc.load_libc()
 
     return serve(socket.socket(fileno=args.socket_fd))
 

@@ -28,7 +28,7 @@ import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 
-from pytest_microvm import _wait
+from pytest_microvm import _proc, _wait
 from pytest_microvm.machine.snapshot.errors import CannotClone, ShmTooSmall, SnapshotError
 from pytest_microvm.machine.snapshot.store import Template
 
@@ -209,10 +209,9 @@ def punch_zero_pages(path: Path) -> int:
     freed (zeroed as it freed them, ``init_on_free=1``) cost clones nothing.
     """
     import ctypes
-    import ctypes.util
     import mmap
 
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _proc.load_libc()
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     zero_block, zero_page = bytes(1 << 21), bytes(_PAGE)
     punched = 0
