@@ -66,7 +66,7 @@ def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
 def cmd_image_build(args: argparse.Namespace) -> int:
     image = _build(cli_values(args, IMAGE))
     print(f"image:     {image.directory}")
-    print(f"kernel:    {image.kernel} ({image.kernel_release}, {'PVH' if image.pvh else 'bzImage'} boot)")
+    print(f"kernel:    {image.kernel} ({image.kernel_release}, {image.arch}, {'PVH boot' if image.pvh else image.kernel.name})")
     print(f"initramfs: {image.initramfs}")
     print(f"agent:     {image.agent_version}; modules: {' '.join(image.modules) or '(none: built in)'}")
     if image.root_disk is not None:
@@ -86,12 +86,9 @@ def cmd_image_check(args: argparse.Namespace) -> int:
     from pytest_microvm.machine import QemuProcess, VMConfig, detect_host, qemu_argv, storage
 
     image = _build(cli_values(args, IMAGE))
-    host = detect_host()
+    host = detect_host(arch=image.arch)
     if host.qemu is None:
-        print(
-            "error: qemu-system-x86_64 is not installed (Debian/Ubuntu: apt-get install qemu-system-x86)",
-            file=sys.stderr,
-        )
+        print(f"error: {host.missing_qemu()}", file=sys.stderr)
         return 2
     if host.accel == "tcg":
         print(
@@ -306,6 +303,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """What this host can do for microVMs, what will be used, and how to fix what is missing."""
     import shutil
 
+    from pytest_microvm import arch as arches
     from pytest_microvm.cache import cache_dir
     from pytest_microvm.errors import ImageError, MicroVMError
     from pytest_microvm.image.kernel_build import check_build_tools
@@ -313,7 +311,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from pytest_microvm.machine import choose, detect_host
 
     values = cli_values(args, DOCTOR)
-    host = detect_host()
+    guest = arches.get(values["arch"])
+    native = detect_host()
+    host = native.for_arch(guest.name)
     ok = True
 
     def line(good: bool, what: str, detail: str, fix: str = "") -> None:
@@ -321,8 +321,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if fix and not good:
             print(f"{'':18}fix: {fix}")
 
-    qemu = f"{host.qemu} ({host.qemu_version})" if host.qemu else "not found"
-    line(host.qemu is not None, "QEMU", qemu, "apt-get install qemu-system-x86")
+    # Every architecture: what runs it here (KVM only for the host's own, TCG for others).
+    for arch in arches.ARCHES.values():
+        report = native.for_arch(arch.name)
+        how = "KVM" if report.kvm.usable else "TCG emulation (slower)"
+        detail = f"{report.qemu} ({report.qemu_version}); runs under {how}" if report.qemu else "no QEMU"
+        line(report.qemu is not None, f"{arch.name}", detail, f"apt-get install {arch.qemu_package}")
+        if not arch.native:
+            tools = [*arch.compilers()[:1], arch.user_emulator() or ""]
+            missing = [t for t in tools if t and shutil.which(t) is None]
+            line(
+                not missing,
+                "",
+                "image build: "
+                + (f"needs {', '.join(missing)}" if missing else "cross compiler and user-mode emulator installed"),
+                f"apt-get install {arch.cross_packages} qemu-user-static",
+            )
+            ok &= arch is not guest or not missing
+    print(f"guests below: {guest.name}" + ("" if guest.native else f" (on this {native.arch} host)"))
     ok &= host.qemu is not None
     line(host.kvm.usable, "KVM", host.kvm.reason, "hardware virtualisation, /dev/kvm passed in, the kvm group")
     line(host.vhost_vsock.usable, "vhost-vsock", host.vhost_vsock.reason,
@@ -334,7 +350,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ok = False
     cache = cache_dir(values["cache-dir"])
     line(True, "cache", str(cache))
-    line(True, "kernel", describe_kernel(values["kernel"], cache))
+    line(True, "kernel", describe_kernel(values["kernel"], cache, guest))
     if values["kernel"] == "source":
         try:
             check_build_tools()

@@ -11,6 +11,8 @@ import argparse
 import os
 from collections.abc import Iterable, Mapping
 
+from pytest_microvm import arch as arches
+
 TYPE_CHECKING = False  # typing and dataclasses would be a third of `microvm --help`'s time
 if TYPE_CHECKING:
     from typing import Any
@@ -120,6 +122,8 @@ OPTIONS: tuple[Option, ...] = (
            ACCELS, cli=(VM, DOCTOR), template_key=True),
     Option("vsock", "str", "the vsock device's backend (auto: kernel where /dev/vhost-vsock is usable)", "auto",
            VSOCKS, cli=(VM, DOCTOR), template_key=True),
+    Option("arch", "str", "guest architecture (default: the host's; another runs under TCG emulation)", None,
+           arches.NAMES, cli=(VM, IMAGE, DOCTOR), template_key=True),
     Option("kernel", "kernel", KERNEL_HELP, cli=(VM, IMAGE, DOCTOR), metavar="debian|source|PATH", template_key=True),
     Option("modules", "path", "lib/modules/<release> tree for the kernel, if it needs modules",
            cli=(VM, IMAGE), cli_hidden=(VM,), metavar="DIR", template_key=True),
@@ -208,6 +212,7 @@ def vm_config(values: Mapping[str, Any], image: GuestImage | None = None, **chan
         rootfs=value("rootfs"),
         shares=dict(Share.parse(spec) for spec in value("shares") or ()),
         snapshot=value("snapshot") != "off",
+        **({"arch": value("arch")} if value("arch") else {}),
         **changes,
     )
 
@@ -221,4 +226,5 @@ def image_request(values: Mapping[str, Any]) -> dict[str, Any]:
         "features": values.get("features") or (),
         "packages": values.get("packages") or (),
         "rootfs": values.get("rootfs"),
+        "arch": values.get("arch"),
     }

@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 _VMS = pytest.StashKey[list["MicroVM"]]()
 _CALL_FAILED = pytest.StashKey[bool]()
-_IMAGES = pytest.StashKey[dict[tuple[tuple[str, ...], str | None], "GuestImage"]]()  # by root_request()
+# By architecture and root_request().
+_IMAGES = pytest.StashKey[dict[tuple[str, tuple[str, ...], str | None], "GuestImage"]]()
 _POOL = pytest.StashKey["ClonePool"]()
 _SIGTERM = pytest.StashKey[SigtermUnwinds]()
 _INTERRUPTED = pytest.StashKey[bool]()
@@ -163,21 +164,23 @@ def _pool(config: pytest.Config) -> ClonePool:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
+    from pytest_microvm import arch as arches
     from pytest_microvm.cache import cache_dir
     from pytest_microvm.errors import ConfigError
     from pytest_microvm.image.sources import describe_kernel
     from pytest_microvm.machine import choose, detect_host
 
-    host = detect_host()
     base = _base_config(config)
+    host = detect_host(arch=base.arch)
     if host.qemu is None:
-        return ["microvm: QEMU not found (apt-get install qemu-system-x86): VM tests will fail"]
+        return [f"microvm: {host.missing_qemu()}: VM tests will fail"]
     try:
         choice = choose(host, base.accel, base.vsock)
     except ConfigError as exc:
         return [f"microvm: {exc}"]
-    kernel = describe_kernel(_setting(config, "kernel"), cache_dir(_setting(config, "cache-dir")))
-    lines = [f"microvm: QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
+    arch = arches.get(base.arch)
+    kernel = describe_kernel(_setting(config, "kernel"), cache_dir(_setting(config, "cache-dir")), arch)
+    lines = [f"microvm: {arch.name} guests; QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
     if _setting(config, "snapshot") == "off":
         lines.append("microvm: snapshots off: every VM boots")
     elif config.hook.pytest_microvm_qemu_args.get_hookimpls():
@@ -192,14 +195,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 # ---- fixtures -------------------------------------------------------------------------
 
 
-def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None) -> GuestImage:
-    """The image with the session's kernel and features and this root; built once per
-    session for each root asked for (cached across sessions, locked across workers)."""
+def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None, arch: str) -> GuestImage:
+    """The image with the session's kernel and features and this root and architecture;
+    built once per session for each asked for (cached across sessions, locked across workers)."""
     from pytest_microvm.image import build_image
     from pytest_microvm.image.builder import root_request
 
     images = config.stash.setdefault(_IMAGES, {})
-    key = root_request(packages, rootfs)
+    key = (arch, *root_request(packages, rootfs))
     if key not in images:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
 
@@ -207,7 +210,7 @@ def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None)
             if reporter is not None:
                 reporter.write_line(f"microvm image: {message}")
 
-        request = {**image_request(_values(config)), "packages": packages, "rootfs": rootfs}
+        request = {**image_request(_values(config)), "packages": packages, "rootfs": rootfs, "arch": arch}
         images[key] = build_image(**request, progress=progress)
     return images[key]
 
@@ -215,7 +218,12 @@ def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None)
 @pytest.fixture(scope="session")
 def microvm_image(pytestconfig: pytest.Config) -> GuestImage:
     """The guest image, built once per session (cached across sessions, locked across workers)."""
-    return _image(pytestconfig, _setting(pytestconfig, "packages") or (), _setting(pytestconfig, "rootfs"))
+    return _image(
+        pytestconfig,
+        _setting(pytestconfig, "packages") or (),
+        _setting(pytestconfig, "rootfs"),
+        _base_config(pytestconfig).arch,
+    )
 
 
 @pytest.fixture
@@ -252,8 +260,8 @@ def _changed(config: pytest.Config, cfg: VMConfig, changes: dict[str, Any]) -> V
     if "rootfs" in changes and "packages" not in changes:
         changes["packages"] = ()
     cfg = cfg.with_(**changes)
-    if ("packages" in changes or "rootfs" in changes) and "image" not in changes:
-        cfg = cfg.with_(image=_image(config, cfg.packages, cfg.rootfs))
+    if ("packages" in changes or "rootfs" in changes or "arch" in changes) and "image" not in changes:
+        cfg = cfg.with_(image=_image(config, cfg.packages, cfg.rootfs, cfg.arch))
     return cfg
 
 

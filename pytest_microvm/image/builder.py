@@ -24,16 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_microvm import _logging
+from pytest_microvm import arch as arches
 from pytest_microvm.cache import cache_dir as default_cache_dir
 from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
+from pytest_microvm.image.apt import Apt
 from pytest_microvm.image.cpio import CpioWriter
-from pytest_microvm.image.kernel import extract_vmlinux, has_pvh_entry, is_elf
 from pytest_microvm.image.kernel_build import source_kernel
 from pytest_microvm.image.sources import (
     KernelFiles,
     Progress,
     agent_source_dir,
+    busybox_applets,
     debian_kernel,
     find_busybox,
     sha256_bytes,
@@ -44,7 +46,7 @@ from pytest_microvm.image.sources import (
 log = _logging.logger(__name__)
 
 # Bump when the image layout or what /init expects changes: old cache entries then stop matching.
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 AGENT_CFLAGS = ("-static", "-O2", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 MANIFEST = "manifest.json"
 KNOWN_FEATURES = frozenset({"ssh"})
@@ -73,6 +75,7 @@ class GuestImage:
     rootfs: str | None = None  # the user's root as given (directory, tar, or "host")
     # MODULE_GROUPS the kernel can do (modules listed in /etc/microvm/modules.<group>).
     module_groups: tuple[str, ...] = ()
+    arch: str = "x86_64"  # the guest's architecture (arch.NAMES): QEMU's command line follows it
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
@@ -93,44 +96,63 @@ class GuestImage:
             packages=tuple(data.get("packages", ())),
             rootfs=data.get("rootfs"),
             module_groups=tuple(data.get("module_groups", ())),
+            arch=data.get("arch", "x86_64"),
         )
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise ImageError("no C compiler found: install gcc and libc6-dev (the agent is linked statically)")
-    return cc
+def _compiler(arch: arches.Arch) -> str:
+    for cc in arch.compilers():
+        found = shutil.which(cc)
+        if found:
+            return found
+    host = f" on this {arches.host_name()} host" if not arch.native else ""
+    raise ImageError(
+        f"no C compiler for {arch.name} guests{host}: apt-get install {arch.compiler_packages()} "
+        "(the agent is linked statically)"
+    )
 
 
-def build_agent(cache: Path | None = None, progress: Progress = lambda _m: None) -> Path:
-    """Compile the agent (static) into the cache and return the binary's path."""
+def build_agent(
+    cache: Path | None = None, progress: Progress = lambda _m: None, arch: arches.Arch | None = None
+) -> Path:
+    """Compile the agent (static, for ``arch``: default the host's) into the cache and
+    return the binary's path."""
     cache = cache or default_cache_dir()
+    arch = arch or arches.get()
     src = agent_source_dir() / "agent.c"
-    cc = _compiler()
+    cc = _compiler(arch)
     try:
         cc_version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise ImageError(f"the C compiler {cc} does not run: {exc}") from exc
-    key = sha256_bytes(src.read_bytes() + cc_version.encode() + " ".join(AGENT_CFLAGS).encode())[:16]
+    ident = src.read_bytes() + cc_version.encode() + " ".join(AGENT_CFLAGS).encode() + arch.name.encode()
+    key = sha256_bytes(ident)[:16]
     final = cache / "agent" / key
 
     def build(staging: Path) -> None:
-        progress("compiling the guest agent")
+        progress(f"compiling the guest agent ({arch.name})")
         proc = subprocess.run(
             [cc, *AGENT_CFLAGS, "-o", str(staging / "microvm-agent"), str(src)], capture_output=True, text=True
         )
         if proc.returncode != 0:
-            hint = " (static libc missing? install libc6-dev)" if "cannot find -lc" in proc.stderr else ""
+            lib = "libc6-dev" if arch.native else arch.cross_packages
+            hint = f" (static libc missing? install {lib})" if "cannot find -lc" in proc.stderr else ""
             raise ImageError(f"compiling the agent failed{hint}:\n{proc.stderr.strip()[-2000:]}")
 
     cached_build(final, build)
     return final / "microvm-agent"
 
 
-def _agent_version(agent: Path) -> str:
-    out = subprocess.run([str(agent), "--version"], capture_output=True, text=True, timeout=10)
-    return out.stdout.strip()
+def agent_version() -> str:
+    """The version the agent says (AGENT_VERSION in its source): read, not run, since an
+    agent for another architecture does not run here."""
+    import re
+
+    source = (agent_source_dir() / "agent.c").read_text()
+    m = re.search(r'^#define AGENT_VERSION "([^"]+)"', source, re.M)
+    if m is None:
+        raise ImageError("agent.c defines no AGENT_VERSION")
+    return m.group(1)
 
 
 def _add_tree(w: CpioWriter, tree: Path) -> None:
@@ -161,6 +183,7 @@ def _write_initramfs(
     groups: dict[str, tuple[Path, ...]],
     extra_root: Path | None = None,
     root_tree: Path | None = None,
+    arch: arches.Arch | None = None,
 ) -> None:
     """The initramfs: the agent as /init, its module lists, and busybox as the userland,
     or (``root_tree``, the fallback without mkfs.erofs) a whole root as the userland."""
@@ -201,9 +224,7 @@ def _write_initramfs(
         if not w.has("usr/bin/microvm-agent"):
             w.symlink("usr/bin/microvm-agent", "/init")  # the tool modes (--connect, --listen, --echo)
         if busybox is not None:
-            applets = subprocess.run(
-                [str(busybox), "--list-full"], capture_output=True, text=True, check=True
-            ).stdout.split()
+            applets = busybox_applets(busybox, arch or arches.get())
             w.file("bin/busybox", busybox.read_bytes(), 0o755)
             for applet in applets:
                 if applet != "bin/busybox" and not applet.startswith("linuxrc") and not w.has(applet):
@@ -255,6 +276,7 @@ def build_image(
     features: tuple[str, ...] = (),
     packages: tuple[str, ...] | list[str] = (),
     rootfs: str | os.PathLike[str] | None = None,
+    arch: str | None = None,
 ) -> GuestImage:
     """Build (or find in the cache) the guest image and return it.
 
@@ -270,7 +292,10 @@ def build_image(
     ``rootfs``: the guest's root instead: a directory or a tar (``docker export``,
     debootstrap, mkosi), or ``"host"`` for the host's own ``/`` (read-only over 9p).
     Either root is packed as EROFS and gets a tmpfs overlay in the guest.
+    ``arch``: the guest's architecture (``"x86_64"``, ``"aarch64"``; default the host's):
+    its kernel, busybox, packages and agent are that architecture's.
     """
+    guest = arches.get(arch)
     unknown = set(features) - KNOWN_FEATURES
     if unknown:
         raise ImageError(f"unknown image feature(s) {sorted(unknown)}; known: {sorted(KNOWN_FEATURES)}")
@@ -285,23 +310,42 @@ def build_image(
             "the ssh feature puts dropbear into the initramfs, which a guest with a root of its own leaves: "
             "add dropbear to packages= (or your rootfs) and run it yourself, or drop the ssh feature"
         )
+    if rootfs == HOST_ROOT and not guest.native:
+        raise ImageError(
+            f"rootfs='host' is the host's own {arches.host_name()} userland, which a {guest.name} guest cannot run: "
+            "give packages= or a rootfs of the guest's architecture"
+        )
+    if "ssh" in features and not guest.native:
+        raise ImageError(
+            f"the ssh feature bundles dropbear with the host's libraries, so it is for {arches.host_name()} guests "
+            f"only; a {guest.name} guest runs dropbear from packages=('dropbear-bin',) instead"
+        )
     if rootfs == HOST_ROOT:
-        base = build_image(kernel=kernel, modules=modules, cache=cache, progress=progress, features=features)
+        base = build_image(
+            kernel=kernel, modules=modules, cache=cache, progress=progress, features=features, arch=guest.name
+        )
         missing = {"9p", "overlay"} - set(base.module_groups)
         if missing:
             raise ImageError(f"rootfs='host' needs 9p and overlayfs, which kernel {base.kernel_release} lacks")
         return dataclasses.replace(base, root_kind="host", rootfs=HOST_ROOT)
     root = default_cache_dir(cache)
+    apt = Apt(guest, root)
     if kernel is None or kernel == "debian":
-        kfiles: KernelFiles = debian_kernel(root, progress)
+        kfiles: KernelFiles = debian_kernel(root, progress, apt)
     elif kernel == "source":
         if modules:
             raise ImageError("the kernel built from source has its drivers built in: it takes no module tree")
+        if not guest.native:
+            raise ImageError(
+                f"the kernel built from source is built for {arches.host_name()} guests only (its config is "
+                f"x86-specific and no cross build is set up yet): use --kernel debian (Debian's "
+                f"{guest.kernel_package}) or a kernel file for {guest.name}"
+            )
         kfiles = source_kernel(root, progress)
     else:
         kfiles = user_kernel(Path(kernel), Path(modules) if modules else None, root, progress)
-    agent = build_agent(root, progress)
-    busybox = find_busybox(root, progress)
+    agent = build_agent(root, progress, guest)
+    busybox = find_busybox(root, progress, apt)
     ssh = ssh_bundle(root, progress) if "ssh" in features else None
     root_tree: Path | None = None
     root_key: str | None = None
@@ -310,7 +354,7 @@ def build_image(
     if packages:
         from pytest_microvm.image.packages import package_root
 
-        built_root = package_root(packages, root, progress, busybox)
+        built_root = package_root(packages, root, progress, busybox, apt)
         root_tree, root_key, resolved = built_root.tree, built_root.key, built_root.packages
     elif rootfs is not None:
         from pytest_microvm.image.rootfs import user_root
@@ -328,6 +372,7 @@ def build_image(
         json.dumps(
             {
                 "builder": BUILDER_VERSION,
+                "arch": guest.name,
                 "agent": agent.parent.name,
                 "busybox": sha256_bytes(busybox.read_bytes()),
                 "kernel": kfiles.identity,
@@ -347,21 +392,7 @@ def build_image(
     final = root / "images" / key
 
     def build(staging: Path) -> None:
-        raw = kfiles.image.read_bytes()
-        kernel_name, pvh = "bzImage", False
-        if is_elf(raw):
-            kernel_name, pvh, data = "vmlinux", has_pvh_entry(raw), raw
-        else:
-            progress("extracting the uncompressed vmlinux (PVH boot skips the in-guest decompression)")
-            try:
-                data = extract_vmlinux(raw)
-                pvh = has_pvh_entry(data)
-            except ImageError as exc:
-                progress(f"cannot extract vmlinux ({exc}); the image boots the bzImage, which is slower")
-            if pvh:
-                kernel_name = "vmlinux"
-            else:
-                data = raw
+        kernel_name, data, pvh = guest.boot_kernel(kfiles.image.read_bytes(), progress)
         (staging / kernel_name).write_bytes(data)
         packed = root_tree if root_tree is not None and root_kind == "initramfs" else None
         if packed is not None:
@@ -385,6 +416,7 @@ def build_image(
             kfiles.groups,
             ssh.root if ssh else None,
             packed,
+            guest,
         )
         manifest = {
             "key": key,
@@ -392,7 +424,7 @@ def build_image(
             "initramfs": "initramfs.cpio",
             "pvh": pvh,
             "kernel_release": kfiles.release,
-            "agent_version": _agent_version(agent),
+            "agent_version": agent_version(),
             "modules": [m.name for m in kfiles.modules],
             "features": sorted(features),
             "ssh_host_key": ssh.host_key if ssh else None,
@@ -402,6 +434,7 @@ def build_image(
             "packages_resolved": list(resolved),
             "rootfs": rootfs,
             "module_groups": sorted(kfiles.groups),
+            "arch": guest.name,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

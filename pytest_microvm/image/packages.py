@@ -74,10 +74,13 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pytest_microvm import arch as arches
+from pytest_microvm.arch import Arch
 from pytest_microvm.cache import cached_build, remembered
 from pytest_microvm.errors import ImageError
+from pytest_microvm.image.apt import Apt
 from pytest_microvm.image.rootfs import resolve_in_root
-from pytest_microvm.image.sources import APT_LISTS, Progress, elf_interpreter
+from pytest_microvm.image.sources import Progress, busybox_applets, elf_interpreter, host_apt
 
 # Bump when the layout of the unpacked root or a fix-up changes: old cache entries then stop matching.
 ROOTFS_VERSION = "2"
@@ -142,13 +145,13 @@ def _check_names(packages: Sequence[str]) -> list[str]:
     return sorted(set(packages))
 
 
-def _stamp(request: list[str]) -> str | None:
+def _stamp(request: list[str], apt: Apt) -> str | None:
     """What a remembered closure depends on; None when there are no lists (nothing to remember)."""
-    lists = sorted(APT_LISTS.glob("*Packages*"))
+    lists = sorted(apt.lists.glob("*Packages*"))
     if not lists:
         return None
     prefs = sorted([*APT_PREFERENCES.glob("preferences"), *APT_PREFERENCES.glob("preferences.d/*")])
-    parts = [" ".join(request), platform.machine(), ROOTFS_VERSION]
+    parts = [" ".join(request), platform.machine(), apt.arch.debian, ROOTFS_VERSION]
     for path in (*lists, *prefs):
         try:
             st = path.stat()
@@ -158,10 +161,11 @@ def _stamp(request: list[str]) -> str | None:
     return "|".join(parts)
 
 
-def _apt_argv(status: Path, archives: Path) -> list[str]:
+def _apt_argv(status: Path, archives: Path, apt: Apt) -> list[str]:
     argv = [
         "apt-get",
         "-qq",
+        *apt.options(),  # another architecture's lists (image/apt.py)
         "-o", f"Dir::State::status={status}",  # empty: nothing counts as installed
         "-o", f"Dir::Cache::archives={archives}",
         "-o", "Dir::Cache::pkgcache=",  # never overwrite the host's cache with one built for our empty status
@@ -169,7 +173,7 @@ def _apt_argv(status: Path, archives: Path) -> list[str]:
         "-o", "APT::Install-Recommends=false",
         "-o", "APT::Get::AllowUnauthenticated=false",  # whatever the host's apt.conf says
     ]  # fmt: skip
-    if _is_root():
+    if _is_root() and apt.native:  # (the options say it for another architecture)
         argv += ["-o", "APT::Sandbox::User=root"]  # _apt could not write into the user's cache
     return argv
 
@@ -198,19 +202,19 @@ def _parse_uris(stdout: str) -> list[_Deb]:
     return sorted(debs, key=lambda d: d.name)
 
 
-def _resolve(request: list[str], progress: Progress) -> list[_Deb]:
-    progress(f"resolving the packages {' '.join(request)} with apt-get")
+def _resolve(request: list[str], progress: Progress, apt: Apt) -> list[_Deb]:
+    progress(f"resolving the packages {' '.join(request)} ({apt.arch.debian}) with apt-get")
     with tempfile.TemporaryDirectory(prefix="microvm-apt-") as tmp:
         status = Path(tmp) / "status"
         status.touch()
         # An empty archive directory: --print-uris leaves out what is already downloaded.
-        argv = _apt_argv(status, Path(tmp) / "archives")
+        argv = _apt_argv(status, Path(tmp) / "archives", apt)
         with ThreadPoolExecutor(2) as pool:  # the shell's lookup runs alongside: it is needed nearly always
             shell_lookup = pool.submit(_run_apt, [*argv, "--print-uris", "download", SHELL_PACKAGE], Path(tmp))
             proc = _run_apt([*argv, "--print-uris", "install", "-y", *request])
             shell = shell_lookup.result()
     if proc.returncode != 0:
-        raise _resolve_error(request, proc.stderr)
+        raise _resolve_error(request, proc.stderr, apt)
     debs = _parse_uris(proc.stdout)
     if not debs:
         raise ImageError(f"apt-get resolved {' '.join(request)} to no package to download: {proc.stdout[-400:]}")
@@ -224,10 +228,10 @@ def _resolve(request: list[str], progress: Progress) -> list[_Deb]:
     return debs
 
 
-def _resolve_error(request: list[str], stderr: str) -> ImageError:
+def _resolve_error(request: list[str], stderr: str, apt: Apt) -> ImageError:
     errors = _errors(stderr)
     unknown = [m.group(1) for e in errors if (m := re.match(r"Unable to locate package (\S+)", e))]
-    hint = "" if any(APT_LISTS.glob("*Packages*")) else " (this host has no package lists: run `apt-get update`)"
+    hint = "" if any(apt.lists.glob("*Packages*")) else " (this host has no package lists: run `apt-get update`)"
     if unknown:
         names = ", ".join(repr(u) for u in unknown)
         return ImageError(
@@ -237,15 +241,15 @@ def _resolve_error(request: list[str], stderr: str) -> ImageError:
     return ImageError(f"apt-get cannot resolve {' '.join(request)}: {'; '.join(errors)}{hint}; nothing was cached")
 
 
-def _closure(request: list[str], cache: Path, progress: Progress) -> list[_Deb]:
+def _closure(request: list[str], cache: Path, progress: Progress, apt: Apt) -> list[_Deb]:
     """The packages to unpack: remembered per stamp of the apt lists, else asked of apt-get."""
-    memo = cache / "apt" / f"closure-{hashlib.sha256(' '.join(request).encode()).hexdigest()[:16]}.json"
+    memo = apt.memo / f"closure-{hashlib.sha256(' '.join(request).encode()).hexdigest()[:16]}.json"
 
     def ask() -> list[dict[str, object]]:
         _need_tools()
-        return [dataclasses.asdict(d) for d in _resolve(request, progress)]
+        return [dataclasses.asdict(d) for d in _resolve(request, progress, apt)]
 
-    return [_Deb(**d) for d in remembered(memo, _stamp(request), ask)]
+    return [_Deb(**d) for d in remembered(memo, _stamp(request, apt), ask)]
 
 
 def _bad_deb(deb: _Deb, path: Path) -> str | None:
@@ -276,7 +280,7 @@ def _verify(debs: list[_Deb], archives: Path) -> list[Path]:
     return [archives / d.filename for d in debs]
 
 
-def _download(debs: list[_Deb], cache: Path, progress: Progress) -> list[Path]:
+def _download(debs: list[_Deb], cache: Path, progress: Progress, apt: Apt) -> list[Path]:
     archives = cache / "debs"
     (archives / "partial").mkdir(parents=True, exist_ok=True)
     with FileLock(str(archives) + ".lock"):  # two apt-gets in one partial/ would spoil each other's files
@@ -291,7 +295,7 @@ def _download(debs: list[_Deb], cache: Path, progress: Progress) -> list[Path]:
                 status = Path(tmp) / "status"
                 status.touch()
                 # Exactly the resolved versions; apt checks each against the signed index as it lands.
-                argv = [*_apt_argv(status, archives), "download", *(d.spec for d in todo)]
+                argv = [*_apt_argv(status, archives, apt), "download", *(d.spec for d in todo)]
                 proc = _run_apt(argv, cwd=archives)
             if proc.returncode != 0:
                 stale = (
@@ -400,10 +404,10 @@ def apply_alternatives(tree: Path, alternatives: list[_Alternative]) -> list[str
     return made
 
 
-def busybox_beneath(tree: Path, busybox: Path) -> int:
+def busybox_beneath(tree: Path, busybox: Path, arch: Arch | None = None) -> int:
     """Put busybox and links for its applets where the packages left gaps; the number of links made."""
     try:
-        listing = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout
+        listing = busybox_applets(busybox, arch or arches.get())
     except (OSError, subprocess.CalledProcessError) as exc:
         raise ImageError(f"busybox {busybox} does not run on this host to list its applets: {exc}") from exc
     if not _exists(tree, "/bin/busybox"):
@@ -411,7 +415,7 @@ def busybox_beneath(tree: Path, busybox: Path) -> int:
         shutil.copyfile(busybox, dest)
         dest.chmod(0o755)
     made = 0
-    for applet in sorted(set(listing.split())):
+    for applet in sorted(set(listing)):
         if applet == "bin/busybox" or "/" not in applet:  # linuxrc: not a command
             continue
         name = applet.rpartition("/")[2]
@@ -511,8 +515,12 @@ def _python_sources(tree: Path, version: str) -> list[str]:
     return files
 
 
-def precompile_python(tree: Path, progress: Progress) -> list[str]:
-    """Compile the guest's Python files with the guest's interpreter; the versions done."""
+def precompile_python(tree: Path, progress: Progress, emulator: str | None = None) -> list[str]:
+    """Compile the guest's Python files with the guest's interpreter; the versions done.
+
+    ``emulator``: the user-mode QEMU that runs the guest's programs here, for a root of
+    another architecture (absent: its bytecode is left to the guest, with a warning).
+    """
     done = []
     bindir = tree / "usr" / "bin"
     pythons = (
@@ -543,6 +551,13 @@ def precompile_python(tree: Path, progress: Progress) -> list[str]:
             "PYTHONDONTWRITEBYTECODE": "1",  # what it imports itself would get host paths
         }
         argv = [str(loader), "--library-path", ":".join(libdirs), str(python), "-S", "-B", "-m", "compileall"]
+        if emulator is not None:
+            found = shutil.which(emulator)
+            if found is None:
+                progress(f"warning: no {emulator} (apt-get install qemu-user-static) to run the guest's {python.name}: "
+                         "bytecode not precompiled, first starts are slow")  # fmt: skip
+                continue
+            argv = [found, *argv]
         argv += ["-q", "-f", "--invalidation-mode", "timestamp", "-s", str(tree), "-p", "/", "-i", "-"]
         # compileall runs the files of one -i list one after another: one process per core instead.
         workers = max(1, min(4, os.cpu_count() or 1))
@@ -647,9 +662,16 @@ def _tree_size(tree: Path) -> int:
 
 
 def _build(
-    staging: Path, request: list[str], debs: list[_Deb], key: str, cache: Path, progress: Progress, busybox: Path
+    staging: Path,
+    request: list[str],
+    debs: list[_Deb],
+    key: str,
+    cache: Path,
+    progress: Progress,
+    busybox: Path,
+    apt: Apt,
 ) -> None:
-    paths = _download(debs, cache, progress)
+    paths = _download(debs, cache, progress, apt)
     tree = staging / "tree"
     tree.mkdir()
     work = staging / "unpacked"
@@ -660,10 +682,10 @@ def _build(
     progress("fix-ups: /etc, alternatives, busybox applets, mount points, ld.so.cache")
     fix_etc(tree)
     apply_alternatives(tree, alternatives)
-    busybox_beneath(tree, busybox)
+    busybox_beneath(tree, busybox, apt.arch)
     _mount_points(tree)
     _ldconfig(tree, progress)
-    precompile_python(tree, progress)
+    precompile_python(tree, progress, apt.arch.user_emulator())
     _clamp_mtimes(tree, newest)
     manifest = {
         "key": key,
@@ -674,16 +696,24 @@ def _build(
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def package_root(packages: Sequence[str], cache: Path, progress: Progress, busybox: Path) -> PackageRoot:
-    """The root of ``packages`` and their dependencies, built once per set of resolved versions."""
+def package_root(
+    packages: Sequence[str], cache: Path, progress: Progress, busybox: Path, apt: Apt | None = None
+) -> PackageRoot:
+    """The root of ``packages`` and their dependencies (of ``apt``'s architecture, default
+    the host's), built once per set of resolved versions."""
+    apt = apt or host_apt(cache)
     request = _check_names(packages)
-    debs = _closure(request, cache, progress)
+    apt.ensure_lists(progress)
+    debs = _closure(request, cache, progress, apt)
     names = sorted(f"{d.name}={d.version}" for d in debs)
     busybox_sha = hashlib.sha256(busybox.read_bytes()).hexdigest()
-    key = hashlib.sha256(json.dumps([ROOTFS_VERSION, names, busybox_sha]).encode()).hexdigest()[:20]
+    ident: list[object] = [ROOTFS_VERSION, names, busybox_sha]
+    if not apt.native:  # (the host's own keeps the keys it had)
+        ident.append(apt.arch.debian)
+    key = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
     final = cache / "roots" / key
     if not (final / "manifest.json").is_file():
         _need_tools()
-        cached_build(final, lambda staging: _build(staging, request, debs, key, cache, progress, busybox))
+        cached_build(final, lambda staging: _build(staging, request, debs, key, cache, progress, busybox, apt))
     manifest = json.loads((final / "manifest.json").read_text())
     return PackageRoot(tree=final / "tree", key=key, packages=tuple(names), size=int(manifest["size"]))

@@ -1,7 +1,9 @@
 """Where the image's ingredients come from: agent source, busybox, and the kernel.
 
-The default kernel is Debian's ``linux-image-amd64``, fetched with ``apt-get download``
-and unpacked with ``dpkg-deb -x`` (no root, nothing installed). A user may instead give
+The default kernel is Debian's (``linux-image-amd64``, ``linux-image-arm64``: the guest
+architecture's), fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` (no
+root, nothing installed); another architecture's comes through its own package lists
+(:mod:`.apt`). A user may instead give
 a kernel file (bzImage, vmlinux ELF, or a kernel .deb) and a module tree, or ask for the
 small kernel built from Debian's source (:mod:`.kernel_build`).
 """
@@ -19,12 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pytest_microvm import arch as arches
 from pytest_microvm.cache import cached_build, remembered
 from pytest_microvm.errors import ImageError
+from pytest_microvm.image.apt import HOST_LISTS, Apt
 from pytest_microvm.image.kernel import GUEST_MODULES, MODULE_GROUPS, is_elf, read_module, resolve_modules
 
 Progress = Callable[[str], None]
-DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
 SOURCE_PACKAGE = "linux-source"  # its metapackage; what kernel_build builds from
 
 
@@ -90,35 +93,46 @@ def is_static_elf(path: Path) -> bool:
     return headers is not None and all(p_type != _PT_INTERP for p_type, _, _ in headers)
 
 
-def apt_download(package: str, dest: Path) -> Path:
-    run_tool(["apt-get", "download", package], f"downloading {package}", cwd=dest)
+def host_apt(cache: Path) -> Apt:
+    """apt for the host's own architecture."""
+    return Apt(arches.get(), cache)
+
+
+def apt_download(package: str, dest: Path, apt: Apt | None = None) -> Path:
+    options = apt.options() if apt else []
+    run_tool(["apt-get", *options, "download", package], f"downloading {package}", cwd=dest)
     debs = sorted(dest.glob(f"{package}_*.deb"))
     if not debs:
         raise ImageError(f"apt-get download {package} produced no .deb")
     return debs[-1]
 
 
-def _deb_version(package: str) -> str:
-    out = run_tool(["apt-cache", "show", "--no-all-versions", package], f"looking up {package}")
+def _deb_version(package: str, apt: Apt | None = None) -> str:
+    options = apt.options() if apt else []
+    out = run_tool(["apt-cache", *options, "show", "--no-all-versions", package], f"looking up {package}")
     m = re.search(r"^Version: (\S+)", out, re.M)
     if not m:
         raise ImageError(f"apt-cache knows no version of {package}: run `apt-get update` first")
     return m.group(1)
 
 
-def find_busybox(cache: Path, progress: Progress) -> Path:
-    """A statically linked busybox: the host's if static, else Debian's busybox-static."""
+def find_busybox(cache: Path, progress: Progress, apt: Apt | None = None) -> Path:
+    """A statically linked busybox: the host's if static (for a guest of the host's own
+    architecture), else Debian's busybox-static of the guest's architecture."""
+    apt = apt or host_apt(cache)
     host = shutil.which("busybox")
-    if host and is_static_elf(Path(host)):
+    if apt.native and host and is_static_elf(Path(host)):
         return Path(host)
     if not shutil.which("apt-get"):
         raise ImageError("no static busybox found: install busybox-static (Debian/Ubuntu) or put one on PATH")
-    version = _deb_version("busybox-static")
-    final = cache / "busybox" / re.sub(r"[^\w.+-]", "_", version)
+    apt.ensure_lists(progress)
+    version = _deb_version("busybox-static", apt)
+    name = re.sub(r"[^\w.+-]", "_", version)
+    final = cache / "busybox" / (name if apt.native else f"{name}-{apt.arch.debian}")
 
     def build(staging: Path) -> None:
-        progress(f"downloading busybox-static {version}")
-        deb = apt_download("busybox-static", staging)
+        progress(f"downloading busybox-static {version} ({apt.arch.debian})")
+        deb = apt_download("busybox-static", staging, apt)
         run_tool(["dpkg-deb", "-x", str(deb), str(staging / "x")], "unpacking busybox-static")
         shutil.move(staging / "x" / "bin" / "busybox", staging / "busybox")
         shutil.rmtree(staging / "x")
@@ -127,6 +141,22 @@ def find_busybox(cache: Path, progress: Progress) -> Path:
     cached_build(final, build)
     target = final / "busybox"
     return target
+
+
+def busybox_applets(busybox: Path, arch: arches.Arch) -> list[str]:
+    """``busybox --list-full``: run through the user-mode emulator for another architecture."""
+    emulator = arch.user_emulator()
+    prefix: list[str] = []
+    if emulator is not None:
+        found = shutil.which(emulator)
+        if found is None:
+            raise ImageError(
+                f"a {arch.name} image lists its busybox's applets with {emulator}, which is not installed: "
+                "apt-get install qemu-user-static"
+            )
+        prefix = [found]
+    argv = [*prefix, str(busybox), "--list-full"]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
 
 
 @dataclass(frozen=True)
@@ -211,10 +241,12 @@ def _from_deb(deb: Path, dest: Path, progress: Progress) -> None:
         _collect(kernels[0], moddirs[0] if moddirs else None, dest, release)
 
 
-APT_LISTS = Path("/var/lib/apt/lists")  # rewritten by `apt-get update`, and only then
+APT_LISTS = HOST_LISTS
 
 
-def resolve_package(cache: Path, package: str, *, meta: bool = True, provider: str = "linux-image-") -> tuple[str, str]:
+def resolve_package(
+    cache: Path, package: str, *, meta: bool = True, provider: str = "linux-image-", apt: Apt | None = None
+) -> tuple[str, str]:
     """(real package, version): for a metapackage (``meta``), of the package it depends on.
 
     ``provider`` is how the real package's name starts (``linux-image-amd64`` depends on
@@ -224,33 +256,37 @@ def resolve_package(cache: Path, package: str, *, meta: bool = True, provider: s
     answer only changes when `apt-get update` rewrites the package lists, so it is
     remembered per stamp of those lists.
     """
-    lists = sorted(APT_LISTS.glob("*Packages*"))
-    stamp = package + "".join(f"|{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in lists) if lists else None
+    apt = apt or host_apt(cache)
+    lists = apt.stamp()
+    stamp = f"{package}|{lists}" if lists else None
 
     def ask() -> list[str]:
         real = package
         if meta:
             # linux-image-amd64 is a metapackage; the kernel is in the package it depends on.
-            deps = run_tool(["apt-cache", "depends", package], f"looking up {package}")
+            deps = run_tool(["apt-cache", *apt.options(), "depends", package], f"looking up {package}")
             m = re.search(rf"Depends: ({re.escape(provider)}\S+)", deps)
             real = m.group(1) if m else package
-        return [real, _deb_version(real)]
+        return [real, _deb_version(real, apt)]
 
-    real, version = remembered(cache / "apt" / f"{package}.json", stamp, ask)
+    real, version = remembered(apt.memo / f"{package}.json", stamp, ask)
     return str(real), str(version)
 
 
-def debian_kernel(cache: Path, progress: Progress, package: str = DEFAULT_KERNEL_PACKAGE) -> KernelFiles:
-    """Debian's kernel package, downloaded and unpacked into the cache once per version."""
+def debian_kernel(cache: Path, progress: Progress, apt: Apt | None = None) -> KernelFiles:
+    """Debian's kernel package of ``apt``'s architecture, downloaded and unpacked into the
+    cache once per version."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise ImageError("no apt-get/dpkg-deb on this host to fetch Debian's kernel: pass a kernel with --kernel PATH")
-    real, version = resolve_package(cache, package)
+    apt = apt or host_apt(cache)
+    apt.ensure_lists(progress)
+    real, version = resolve_package(cache, apt.arch.kernel_package, apt=apt)
     key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + "-" + _modules_key()
 
     def build(dest: Path) -> None:
         progress(f"downloading {real} {version}")
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            _from_deb(apt_download(real, Path(tmp)), dest, progress)
+            _from_deb(apt_download(real, Path(tmp), apt), dest, progress)
 
     final = cache / "kernels" / key
     cached_build(final, build)
@@ -280,8 +316,11 @@ def user_kernel(path: Path, moddir: Path | None, cache: Path, progress: Progress
     return _load_collected(final, key)
 
 
-def describe_kernel(kernel: str | None, cache: Path) -> str:
+def describe_kernel(kernel: str | None, cache: Path, arch: arches.Arch | None = None) -> str:
     """One line naming the kernel a build would use, without building (for the pytest header)."""
+    apt = Apt(arch or arches.get(), cache)
+    if kernel == "source" and not apt.native:
+        return f"built from source: not for {apt.arch.name} guests"
     if kernel == "source":
         try:
             real, version = resolve_package(cache, SOURCE_PACKAGE, provider="linux-source-")
@@ -292,8 +331,10 @@ def describe_kernel(kernel: str | None, cache: Path) -> str:
         return f"{kernel} (given)"
     if not shutil.which("apt-cache"):
         return "none: no apt-cache to find Debian's kernel; pass --microvm-kernel"
+    if not apt.has_lists():
+        return f"Debian's {apt.arch.kernel_package} (its package lists are fetched at the first build)"
     try:
-        real, version = resolve_package(cache, DEFAULT_KERNEL_PACKAGE)
+        real, version = resolve_package(cache, apt.arch.kernel_package, apt=apt)
     except ImageError as exc:
         return f"unknown ({exc})"
     return f"{real.removeprefix('linux-image-')} (Debian {real} {version})"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union, cast
 
+from pytest_microvm import arch as arches
 from pytest_microvm.channel.kernel import DEFAULT_PORT
 from pytest_microvm.errors import ConfigError
 from pytest_microvm.image.kernel import MODULE_GROUPS
@@ -120,6 +121,9 @@ class VMConfig:
     # Module groups the agent loads besides those the root and shares need (image.kernel
     # MODULE_GROUPS), e.g. ("vhost",) for a guest that runs VMs of its own.
     modules: tuple[str, ...] = ()
+    # The guest's architecture (arch.NAMES, or Debian's names): its image, QEMU and machine.
+    # Default: the host's own. Another runs under TCG.
+    arch: str = field(default_factory=arches.host_name)
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for hooks
 
     def __post_init__(self) -> None:
@@ -139,6 +143,7 @@ class VMConfig:
         if self.packages and self.rootfs is not None:
             raise ConfigError("packages and rootfs do not combine: packages make a root of their own")
         object.__setattr__(self, "shares", _shares(self.shares))
+        object.__setattr__(self, "arch", arches.get(self.arch).name)  # ConfigError lists the supported
         object.__setattr__(self, "modules", tuple(self.modules))
         unknown = sorted(set(self.modules) - set(MODULE_GROUPS))
         if unknown:

@@ -8,13 +8,15 @@ ROM", then nothing for a minute). Such hosts get TCG, reported loudly.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pytest_microvm import arch as arches
 from pytest_microvm.options import ACCELS, VSOCKS  # the one list of each (the option table's)
 
 
@@ -26,17 +28,42 @@ class Capability:
 
 @dataclass(frozen=True)
 class HostReport:
-    kvm: Capability
+    """What the host can do for guests of one architecture (``arch``: default the host's)."""
+
+    kvm: Capability  # for guests of ``arch``: only the host's own architecture has it
     vhost_vsock: Capability
-    qemu: str | None  # path of qemu-system-x86_64
+    qemu: str | None  # path of arch's qemu-system binary
     qemu_version: str | None
+    arch: str = field(default_factory=arches.host_name)
+    own_kvm: Capability | None = None  # KVM for the host's own architecture (when arch is another)
 
     @property
     def accel(self) -> str:
         return "kvm" if self.kvm.usable else "tcg"
 
+    def for_arch(self, name: str) -> HostReport:
+        """The report for guests of architecture ``name``: its QEMU, and KVM only if it is
+        the host's own. ConfigError for an architecture not supported."""
+        arch = arches.get(name)
+        if arch.name == self.arch:
+            return self
+        own = self.own_kvm or self.kvm
+        host = arches.host_name()
+        kvm = own if arch.native else Capability(
+            False, f"KVM runs only {host} guests on this {host} host: {arch.name} guests run under TCG emulation"
+        )  # fmt: skip
+        qemu = shutil.which(arch.qemu_binary)
+        return replace(
+            self, arch=arch.name, kvm=kvm, own_kvm=own, qemu=qemu, qemu_version=qemu_version(qemu) if qemu else None
+        )
 
-def _kvm(root: Path) -> Capability:
+    def missing_qemu(self) -> str:
+        """The error for a report without QEMU: what to install."""
+        arch = arches.get(self.arch)
+        return f"{arch.qemu_binary} is not installed (Debian/Ubuntu: apt-get install {arch.qemu_package})"
+
+
+def _kvm(root: Path, arch: arches.Arch) -> Capability:
     dev = root / "dev" / "kvm"
     if not dev.exists():
         return Capability(False, "/dev/kvm does not exist (no KVM module, or not passed into this container)")
@@ -48,8 +75,9 @@ def _kvm(root: Path) -> Capability:
         cpuinfo = (root / "proc" / "cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
-    if not re.search(r"^flags\s*:.*\b(vmx|svm)\b", cpuinfo, re.M):
-        return Capability(False, "the CPU shows no vmx/svm flag: no hardware virtualisation for guests")
+    why = arch.kvm_capable(cpuinfo)
+    if why is not None:
+        return Capability(False, why)
     return Capability(True, "/dev/kvm is usable and the CPU has hardware virtualisation")
 
 
@@ -65,6 +93,16 @@ def _vhost_vsock(root: Path) -> Capability:
 
 
 def qemu_version(qemu: str) -> str | None:
+    """What ``qemu --version`` says; asked once per binary (path, size, mtime) per process."""
+    try:
+        st = os.stat(qemu)
+    except OSError:
+        return None
+    return _qemu_version(qemu, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _qemu_version(qemu: str, _size: int, _mtime: int) -> str | None:
     try:
         out = subprocess.run([qemu, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
@@ -73,11 +111,19 @@ def qemu_version(qemu: str) -> str | None:
     return m.group(1) if m else None
 
 
-def detect_host(root: Path = Path("/")) -> HostReport:
-    """Probe the host; ``root`` lets tests point it at a fake /dev, /proc and /sys."""
-    qemu = shutil.which("qemu-system-x86_64")
+def detect_host(root: Path = Path("/"), arch: str | None = None) -> HostReport:
+    """Probe the host for guests of ``arch`` (default: the host's own); ``root`` lets tests
+    point it at a fake /dev, /proc and /sys."""
+    native = arches.get()
+    report = _detect(root, native)
+    return report if arch is None else report.for_arch(arch)
+
+
+def _detect(root: Path, native: arches.Arch) -> HostReport:
+    qemu = shutil.which(native.qemu_binary)
     return HostReport(
-        kvm=_kvm(root),
+        arch=native.name,
+        kvm=_kvm(root, native),
         vhost_vsock=_vhost_vsock(root),
         qemu=qemu,
         qemu_version=qemu_version(qemu) if qemu else None,

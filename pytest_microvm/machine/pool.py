@@ -54,7 +54,8 @@ class ClonePool:
         waited for: on two cores the two overlap (a 50-test suite took 20.9 s so, 28.1 s
         waiting), and the pool's is ready for the next test.
         """
-        host = self._host = self._host or detect_host()
+        self._host = self._host or detect_host()
+        host = self._host.for_arch(config.arch)
         if self.size < 1 or why_not(config, host, hooked=qemu_args_hook is not None) is not None:
             return self.templates.start(config, host=host, name=name, qemu_args_hook=qemu_args_hook)
         config = config.with_(image=storage.image_for(config))

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pytest_microvm import _proc, _wait
+from pytest_microvm import arch as arches
 from pytest_microvm.errors import BootError
 from pytest_microvm.image import GuestImage
 
@@ -39,9 +40,9 @@ def qemu_argv(
     no_reboot: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """QEMU arguments booting ``image``.
+    """QEMU arguments booting ``image``, on the machine of its architecture (:mod:`pytest_microvm.arch`).
 
-    q35 with the PVH vmlinux: measured under TCG (QEMU 7.2, the same uncompressed
+    x86_64: q35 with the PVH vmlinux: measured under TCG (QEMU 7.2, the same uncompressed
     kernel, an init that powers off at once, medians of 5), q35 reached poweroff in
     1.85 s and ``-M microvm,pit=on,rtc=on`` in 1.82 s, but microvm hung in 2-5 boots of
     10 when a loaded host made the guest's PIT calibration fail, unless given the host's
@@ -55,8 +56,9 @@ def qemu_argv(
     ``ram_shared=False`` mapped private, copy-on-write (a clone on the kernel path reads
     its template's RAM and pays only for the pages it writes: machine/snapshot/).
     """
-    append = ["console=ttyS0", "panic=-1", "quiet", *cmdline]
-    machine = f"q35,accel={accel}"
+    arch = arches.get(image.arch)
+    append = [f"console={arch.console}", "panic=-1", "quiet", *cmdline]
+    machine = arch.machine(accel)
     memory: list[str] = []
     if ram_file is not None:
         machine += ",memory-backend=mem"
@@ -70,7 +72,7 @@ def qemu_argv(
         qemu,
         "-machine", machine,
         *memory,
-        *(["-cpu", "host"] if accel == "kvm" else []),
+        *arch.cpu(accel),
         "-m", str(memory_mib),
         "-smp", str(vcpus),
         "-nodefaults",

@@ -36,7 +36,12 @@ def image_for(config: VMConfig) -> GuestImage:
     image = config.image
     asked = root_request(config.packages, config.rootfs)
     if image is None:
-        image = build_image(packages=config.packages, rootfs=config.rootfs)
+        image = build_image(packages=config.packages, rootfs=config.rootfs, arch=config.arch)
+    elif image.arch != config.arch:
+        raise ConfigError(
+            f"image {image.key} is for {image.arch} guests, and the VM is asked to be {config.arch}: "
+            f"pass build_image(arch={config.arch!r}) as image=, or leave image= unset"
+        )
     elif asked != ((), None) and asked != (image.packages, image.rootfs):
         raise ConfigError(
             f"image {image.key} was not built for packages={list(config.packages)} rootfs={config.rootfs!r}: "

@@ -70,7 +70,7 @@ class Runstate(enum.Enum):
 
 
 NETWORK_FORWARDS = (22,)  # guest TCP ports reachable from 127.0.0.1 with config.network
-_warned_tcg = False
+_warned_tcg: set[str] = set()  # architectures warned of: once each per process
 
 
 # sockaddr_un holds 108 bytes; the longest name we put in the socket dir is "vsock_<port>".
@@ -165,13 +165,12 @@ class MicroVM:
 
     def _boot(self, image: GuestImage, started: float) -> None:
         cfg = self.config
-        host = self._host or detect_host()
+        host = (self._host or detect_host()).for_arch(cfg.arch)
         if host.qemu is None:
-            raise ConfigError("qemu-system-x86_64 is not installed (Debian/Ubuntu: apt-get install qemu-system-x86)")
+            raise ConfigError(host.missing_qemu())
         self.choice = choose(host, cfg.accel, cfg.vsock)
-        global _warned_tcg
-        if self.choice.accel == "tcg" and cfg.accel == "auto" and not _warned_tcg:
-            _warned_tcg = True  # once per process: the pytest header and the CLI say it too
+        if self.choice.accel == "tcg" and cfg.accel == "auto" and cfg.arch not in _warned_tcg:
+            _warned_tcg.add(cfg.arch)  # once per process: the pytest header and the CLI say it too
             self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
         self.default_cwd = storage.default_cwd(image, os.getcwd())
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))

@@ -30,6 +30,8 @@ from pytest_microvm.image.packages import (
     package_root,
     parse_alternatives,
 )
+from pytest_microvm import arch as arches
+from pytest_microvm.image.apt import Apt
 from pytest_microvm.image.sources import APT_LISTS, find_busybox
 
 HAVE_APT = shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
@@ -125,29 +127,29 @@ def test_closure_is_remembered_until_the_lists_change(tmp_path: Path, monkeypatc
     lists = tmp_path / "lists"
     lists.mkdir()
     (lists / "deb_dists_x_main_binary-amd64_Packages").write_text("x")
-    monkeypatch.setattr(packages, "APT_LISTS", lists)
+    apt = Apt(arches.get(), tmp_path / "cache")
+    apt.lists = lists
     monkeypatch.setattr(packages, "_need_tools", lambda: None)
     calls = []
 
-    def resolve(request: list[str], progress: object) -> list[_Deb]:
+    def resolve(request: list[str], progress: object, apt: Apt) -> list[_Deb]:
         calls.append(request)
         return [_Deb("hello", "2.10-3", "amd64", "hello_2.10-3_amd64.deb", 10, "")]
 
     monkeypatch.setattr(packages, "_resolve", resolve)
-    first = packages._closure(["hello"], tmp_path / "cache", lambda m: None)
-    assert packages._closure(["hello"], tmp_path / "cache", lambda m: None) == first
+    first = packages._closure(["hello"], tmp_path / "cache", lambda m: None, apt)
+    assert packages._closure(["hello"], tmp_path / "cache", lambda m: None, apt) == first
     assert len(calls) == 1
     assert [p.name for p in (tmp_path / "cache" / "apt").iterdir() if "tmp" in p.name] == []  # written atomically
     os.utime(lists / "deb_dists_x_main_binary-amd64_Packages", ns=(1, 1))  # as `apt-get update` would
-    packages._closure(["hello"], tmp_path / "cache", lambda m: None)
+    packages._closure(["hello"], tmp_path / "cache", lambda m: None, apt)
     assert len(calls) == 2
-    packages._closure(["hello", "dash"], tmp_path / "cache", lambda m: None)
+    packages._closure(["hello", "dash"], tmp_path / "cache", lambda m: None, apt)
     assert len(calls) == 3  # another request, another entry
 
 
 def test_no_apt_on_the_host_points_to_rootfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(packages, "APT_LISTS", tmp_path / "no-lists")
     with pytest.raises(ImageError, match=r"needs apt-get and dpkg-deb.*no apt-get or dpkg-deb: give rootfs="):
         package_root(["hello"], tmp_path / "cache", lambda m: None, Path("/bin/true"))
 

@@ -8,7 +8,7 @@ import pytest
 def test_header_names_the_accelerator_and_why(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_nothing(): pass")
     result = pytester.runpytest("--strict-markers")
-    result.stdout.fnmatch_lines(["microvm: QEMU *; kernel * (*); accel=* (*); vsock=* (*)"])
+    result.stdout.fnmatch_lines(["microvm: x86_64 guests; QEMU *; kernel * (*); accel=* (*); vsock=* (*)"])
     result.assert_outcomes(passed=1)
 
 

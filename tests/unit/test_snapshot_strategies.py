@@ -273,7 +273,7 @@ def test_save_template_layout_has_the_clones_devices_and_its_ram_in_the_file(tmp
         *["-device", f"vmgenid,id={VMGENID_ID},guid=auto"],
         *["-device", channel.device_arg()],  # on the root port, under the id the save refers to
     ]
-    assert layout.args[:4] == snapshot_devices("auto")
+    assert layout.args[:4] == snapshot_devices("auto", "x86_64")
     assert layout.ram_file == str(ram) and layout.ram_shared  # QEMU writes the guest's RAM into the file
     assert layout.pass_fds == ()
     assert ctx.events == []  # nothing asked of QEMU before it starts

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pytest_microvm import arch as arches
 from pytest_microvm.image import GuestImage
 from pytest_microvm.image.builder import HOST_ROOT
 from pytest_microvm.machine.config import VMConfig
@@ -55,7 +56,8 @@ def template_key(config: VMConfig, image: GuestImage, host: HostReport, *, cpu: 
     parts = {
         "format": TEMPLATE_FORMAT,
         "qemu": [*_file_identity(Path(host.qemu)), host.qemu_version],
-        "machine": "q35",
+        "arch": config.arch,
+        "machine": arches.get(config.arch).machine(choice.accel),
         "accel": choice.accel,
         # Under KVM the guest runs on the host's CPU (-cpu host) and KVM's view of it: a
         # template from another CPU or host kernel (a cache shared by CI runners) would

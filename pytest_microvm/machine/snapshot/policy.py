@@ -95,7 +95,7 @@ class Templates:
         A ``qemu_args_hook`` could make a clone's command line differ from its template's,
         so a VM with one always boots: pass None when the hook would change nothing.
         """
-        host = host or detect_host()
+        host = (host or detect_host()).for_arch(config.arch)
         reason = why_not(config, host, hooked=qemu_args_hook is not None)
         if reason is not None:
             log.debug("%s boots: %s", name, reason)

@@ -2,7 +2,8 @@
 
 - :class:`SaveTemplate`: a boot whose RAM is a shared file in the template's staging
   directory, with the devices every clone will have (a PCIe root port for the vsock
-  device, a vmgenid). Once probed it is quieted and saved (:meth:`SaveTemplate.save`):
+  device, and on x86_64 a vmgenid: an aarch64 guest booted without ACPI cannot see one).
+  Once probed it is quieted and saved (:meth:`SaveTemplate.save`):
   the agent's connection and listener closed, the guest stopped, its device state written
   with ``x-ignore-shared`` (the RAM is the file itself, so the state is a few hundred KiB).
   9p shares are not mounted in it: a mounted share blocks migration; clones mount theirs.
@@ -20,7 +21,8 @@ channel (``Channel.device_migrates``):
   signals the guest a transport reset on load, on which the driver rereads its CID.
 - :class:`PluggedVsock` (``vhost-user-vsock-pci``, which QEMU 7.2 cannot migrate): the
   template's device is unplugged before the save; each clone gets one hot-plugged after
-  the restore (ACPI PCI hotplug on the root port), with its own backend.
+  the restore (on the root port: ACPI PCI hotplug on x86_64, PCIe native hotplug on
+  aarch64), with its own backend.
 
 On the kernel path both ways work; measured side by side (bench/kernel_clones.py through
 scripts/nested, TCG inside TCG, medians of 5) a clone keeping the device was ready in
@@ -40,6 +42,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 from pytest_microvm import _logging, _wait
+from pytest_microvm import arch as arches
 from pytest_microvm.client import AgentClient
 from pytest_microvm.image import GuestImage
 from pytest_microvm.machine import launch
@@ -57,7 +60,7 @@ log = _logging.logger(__name__)
 
 HOTPLUG_PORT = "microvm-hotplug"  # the PCIe root port the vsock device sits on
 VSOCK_ID = "microvm-vsock"
-VMGENID_ID = "microvm-vmgenid"
+VMGENID_ID = arches.VMGENID_ID
 RESTORE_TIMEOUT = 30.0  # a restore is a fraction of a second; this bounds a stuck one
 # After the template's vsock device is unplugged, before the guest is stopped: longer than
 # the kernel's vsock connect timeout (2 s), so a connect request lost with the device times
@@ -68,12 +71,13 @@ UNPLUG_SETTLE = 2.5
 SAVE_TIMEOUT = 20.0
 
 
-def snapshot_devices(vmgenid: str) -> list[str]:
+def snapshot_devices(vmgenid: str, arch: str) -> list[str]:
     """Devices a template and its clones have in common beyond the config's: the root port
-    the vsock device sits on, and the vmgenid that tells clones apart."""
+    the vsock device sits on, and what tells clones apart (the vmgenid, where the
+    architecture has one)."""
     return [
         *device_args("pcie-root-port", id=HOTPLUG_PORT, bus="pcie.0", chassis=1),
-        *device_args("vmgenid", id=VMGENID_ID, guid=vmgenid),
+        *arches.get(arch).identity_devices(vmgenid),
     ]
 
 
@@ -130,14 +134,14 @@ class PluggedVsock(VsockInSnapshot):
     def before_save(self, ctx: LaunchContext, until: float) -> None:
         ctx.monitor.device_del(VSOCK_ID)
 
-        def released() -> bool | None:  # the guest ejects it (ACPI) when it gets to it
+        def released() -> bool | None:  # the guest ejects it when it gets to it
             ctx.raise_if_dead(SnapshotError)
             return VSOCK_ID not in ctx.monitor.peripherals() or None
 
         if _wait.until(released, until, 0.01) is None:
             raise ctx.failure(
                 "the guest did not release its vsock device in time: cloning needs a kernel with "
-                "PCIEPORTBUS, HOTPLUG_PCI and HOTPLUG_PCI_ACPI (Debian's and the source kernel have them)",
+                + arches.get(ctx.config.arch).hotplug,
                 SnapshotError,
             )
         time.sleep(UNPLUG_SETTLE)
@@ -191,7 +195,7 @@ class SaveTemplate(Launch):
     def layout(self) -> Layout:
         self._vsock = self._vsock or vsock_in_snapshot(self.ctx)
         return Layout(
-            args=[*snapshot_devices("auto"), *self._vsock.template_args(self.ctx)],
+            args=[*snapshot_devices("auto", self.ctx.config.arch), *self._vsock.template_args(self.ctx)],
             # Pages the template guest frees are zeroed as they are freed, so that they
             # become holes in its RAM file (punch_zero_pages) and clones do not copy them.
             # Clones inherit it with the guest: a little guest CPU on every free.
@@ -244,7 +248,7 @@ class RestoreClone(Launch):
         if self.template.current_id() != self.template.id:
             raise SnapshotError(f"snapshot template {self.template.key} was remade while this clone started")
         return Layout(
-            args=[*snapshot_devices(self.vmgenid), *self._vsock.clone_args(ctx), "-incoming", "defer"],
+            args=[*snapshot_devices(self.vmgenid, ctx.config.arch), *self._vsock.clone_args(ctx), "-incoming", "defer"],
             ram_file=self._ram.path,
             ram_shared=self._ram.shared,
             pass_fds=self._ram.pass_fds,
