@@ -66,7 +66,8 @@ def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
 def cmd_image_build(args: argparse.Namespace) -> int:
     image = _build(cli_values(args, IMAGE))
     print(f"image:     {image.directory}")
-    print(f"kernel:    {image.kernel} ({image.kernel_release}, {image.arch}, {'PVH boot' if image.pvh else image.kernel.name})")
+    boot = "PVH boot" if image.pvh else image.kernel.name
+    print(f"kernel:    {image.kernel} ({image.kernel_release}, {image.arch}, {boot})")
     print(f"initramfs: {image.initramfs}")
     print(f"agent:     {image.agent_version}; modules: {' '.join(image.modules) or '(none: built in)'}")
     if image.root_disk is not None:

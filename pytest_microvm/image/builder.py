@@ -315,11 +315,6 @@ def build_image(
             f"rootfs='host' is the host's own {arches.host_name()} userland, which a {guest.name} guest cannot run: "
             "give packages= or a rootfs of the guest's architecture"
         )
-    if "ssh" in features and not guest.native:
-        raise ImageError(
-            f"the ssh feature bundles dropbear with the host's libraries, so it is for {arches.host_name()} guests "
-            f"only; a {guest.name} guest runs dropbear from packages=('dropbear-bin',) instead"
-        )
     if rootfs == HOST_ROOT:
         base = build_image(
             kernel=kernel, modules=modules, cache=cache, progress=progress, features=features, arch=guest.name
@@ -346,7 +341,7 @@ def build_image(
         kfiles = user_kernel(Path(kernel), Path(modules) if modules else None, root, progress)
     agent = build_agent(root, progress, guest)
     busybox = find_busybox(root, progress, apt)
-    ssh = ssh_bundle(root, progress) if "ssh" in features else None
+    ssh = ssh_bundle(root, progress, apt) if "ssh" in features else None
     root_tree: Path | None = None
     root_key: str | None = None
     resolved: tuple[str, ...] = ()

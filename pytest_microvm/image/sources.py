@@ -340,8 +340,82 @@ def describe_kernel(kernel: str | None, cache: Path, arch: arches.Arch | None = 
     return f"{real.removeprefix('linux-image-')} (Debian {real} {version})"
 
 
+# dropbear, its SFTP server, and the libraries they link (dropbear-bin's and libtomcrypt1's
+# Depends), all from the guest architecture's apt: nothing of the host's goes in.
 SSH_PACKAGES = ("dropbear-bin", "libtomcrypt1", "libtommath1", "openssh-sftp-server")
+SSH_LIBRARY_PACKAGES = ("libc6", "libcrypt1", "zlib1g", "libgmp10")
 SSH_HOST_KEY = "/etc/dropbear/dropbear_ed25519_host_key"
+_PT_LOAD, _PT_DYNAMIC, _DT_NEEDED, _DT_STRTAB = 1, 2, 1, 5
+
+
+def elf_needed(path: Path) -> list[str]:
+    """The DT_NEEDED sonames of a 64-bit little-endian ELF file (any architecture): what
+    ``ldd`` would list, read without running it."""
+    data = path.read_bytes()
+    if not is_elf(data) or data[4] != 2 or data[5] != 1:
+        raise ImageError(f"{path.name} is not a 64-bit little-endian ELF file")
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads, dynamic = [], None
+    for i in range(phnum):
+        p_type, _flags, offset, vaddr, _pa, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == _PT_LOAD:
+            loads.append((vaddr, offset, filesz))
+        elif p_type == _PT_DYNAMIC:
+            dynamic = (offset, filesz)
+    if dynamic is None:
+        return []  # static
+    entries = [struct.unpack_from("<qQ", data, dynamic[0] + at) for at in range(0, dynamic[1], 16)]
+    strtab = next((value for tag, value in entries if tag == _DT_STRTAB), None)
+    base = next((off + strtab - va for va, off, size in loads if strtab is not None and va <= strtab < va + size), None)
+    if base is None:
+        raise ImageError(f"{path.name}: its dynamic string table is outside its loaded segments")
+    names = []
+    for tag, value in entries:
+        if tag == _DT_NEEDED:
+            end = data.index(b"\0", base + value)
+            names.append(data[base + value : end].decode())
+    return names
+
+
+def _inside(tree: Path, path: str) -> Path | None:
+    """``path`` (absolute, in the guest's terms) as a file in ``tree``, symlinks followed inside it."""
+    current = tree
+    for _ in range(40):
+        candidate = current / path.lstrip("/")
+        if candidate.is_symlink():
+            target = os.readlink(candidate)
+            path = target if target.startswith("/") else str(Path("/", candidate.parent.relative_to(tree), target))
+            current = tree
+            continue
+        return candidate if candidate.is_file() else None
+    return None
+
+
+def library_closure(tree: Path, programs: list[str]) -> dict[str, Path]:
+    """{guest path: file in ``tree``} of ``programs`` (guest paths), their loader and every
+    library they need, found in the multiarch and plain library directories of ``tree``."""
+    dirs = [f"/{d}" for pattern in ("lib/*-linux-gnu", "usr/lib/*-linux-gnu") for d in
+            sorted(p.relative_to(tree).as_posix() for p in tree.glob(pattern))] + ["/lib", "/usr/lib"]  # fmt: skip
+    files: dict[str, Path] = {}
+    todo = list(programs)
+    while todo:
+        guest = todo.pop()
+        if guest in files:
+            continue
+        found = _inside(tree, guest)
+        if found is None:
+            raise ImageError(f"{guest} is not in the packages unpacked for it")
+        files[guest] = found
+        interp = elf_interpreter(found)
+        if interp:
+            todo.append(interp)
+        for soname in elf_needed(found):
+            where = next((f"{d}/{soname}" for d in dirs if _inside(tree, f"{d}/{soname}") is not None), None)
+            if where is None:
+                raise ImageError(f"{Path(guest).name} needs {soname}, which none of its packages brings")
+            todo.append(where)
+    return files
 
 
 @dataclass(frozen=True)
@@ -352,41 +426,27 @@ class SshBundle:
     host_key: str  # the public host key ("ssh-ed25519 AAAA..."), for the client to verify
 
 
-def ssh_bundle(cache: Path, progress: Progress) -> SshBundle:
-    """Debian's dropbear (dynamically linked) with its libraries and a generated host key."""
-    if not shutil.which("apt-get") or not shutil.which("ldd"):
-        raise ImageError("the ssh image feature needs apt-get and ldd (Debian/Ubuntu) to fetch dropbear")
-    versions = [resolve_package(cache, pkg, meta=False)[1] for pkg in SSH_PACKAGES]
-    key = hashlib.sha256(" ".join(versions).encode()).hexdigest()[:16]
+def ssh_bundle(cache: Path, progress: Progress, apt: Apt | None = None) -> SshBundle:
+    """Debian's dropbear (dynamically linked) with its libraries, of the guest's
+    architecture, and a generated host key."""
+    apt = apt or host_apt(cache)
+    if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
+        raise ImageError("the ssh image feature needs apt-get and dpkg-deb (Debian/Ubuntu) to fetch dropbear")
+    apt.ensure_lists(progress)
+    packages = SSH_PACKAGES + SSH_LIBRARY_PACKAGES
+    versions = [resolve_package(cache, pkg, meta=False, apt=apt)[1] for pkg in packages]
+    key = hashlib.sha256(" ".join([*versions, apt.arch.debian]).encode()).hexdigest()[:16]
     final = cache / "ssh" / key
 
     def build(staging: Path) -> None:
-        progress(f"downloading dropbear {versions[0]} and its libraries")
+        progress(f"downloading dropbear {versions[0]} and its libraries ({apt.arch.debian})")
         unpacked = staging / "x"
-        for pkg in SSH_PACKAGES:
-            run_tool(["dpkg-deb", "-x", str(apt_download(pkg, staging)), str(unpacked)], f"unpacking {pkg}")
-        libdirs = ":".join(str(p) for p in unpacked.glob("usr/lib/*-linux-gnu"))
-        env = {**os.environ, "LD_LIBRARY_PATH": libdirs}
-        root = staging / "root"
-        dropbear = unpacked / "usr" / "sbin" / "dropbear"
-        sftp = unpacked / "usr" / "lib" / "openssh" / "sftp-server"
+        for pkg in packages:
+            run_tool(["dpkg-deb", "-x", str(apt_download(pkg, staging, apt)), str(unpacked)], f"unpacking {pkg}")
         # Debian's dropbear runs /usr/lib/sftp-server for SFTP sessions.
-        files = {"/usr/sbin/dropbear": dropbear, "/usr/lib/sftp-server": sftp}
-        needed = "".join(
-            subprocess.run(["ldd", str(b)], capture_output=True, text=True, env=env, check=True).stdout
-            for b in (dropbear, sftp)
-        )
-        for line in needed.splitlines():
-            m = re.search(r"(\S+) => (\S+)", line) or re.match(r"\s*(/\S+)", line)
-            if m is None or "not found" in line:
-                if "not found" in line:
-                    raise ImageError(f"dropbear needs a library apt did not bring: {line.strip()}")
-                continue
-            host_path = Path(m.group(2) if m.lastindex == 2 else m.group(1))
-            guest = str(host_path)
-            if str(host_path).startswith(str(unpacked)):
-                guest = "/" + str(host_path.relative_to(unpacked))
-            files[guest] = host_path.resolve()
+        files = library_closure(unpacked, ["/usr/sbin/dropbear", "/usr/lib/openssh/sftp-server"])
+        files["/usr/lib/sftp-server"] = files.pop("/usr/lib/openssh/sftp-server")
+        root = staging / "root"
         for guest, src in files.items():
             dest = root / guest.lstrip("/")
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -394,11 +454,21 @@ def ssh_bundle(cache: Path, progress: Progress) -> SshBundle:
             dest.chmod(0o755)
         key_file = root / SSH_HOST_KEY.lstrip("/")
         key_file.parent.mkdir(parents=True, exist_ok=True)
-        out = subprocess.run(
-            [str(unpacked / "usr" / "bin" / "dropbearkey"), "-t", "ed25519", "-f", str(key_file)],
-            capture_output=True, text=True, env=env, check=True,
-        ).stdout  # fmt: skip
-        pub = next(line for line in out.splitlines() if line.startswith("ssh-ed25519 "))
+        # dropbearkey of the guest's architecture, with the guest's libraries (through the
+        # user-mode emulator for another architecture): the host's may not be installed.
+        emulator = apt.arch.user_emulator()
+        prefix = [shutil.which(emulator) or emulator, "-L", str(unpacked)] if emulator else []
+        loader = library_closure(unpacked, ["/usr/bin/dropbearkey"])
+        interp = elf_interpreter(unpacked / "usr/bin/dropbearkey") or ""
+        libdirs = ":".join(sorted({str(p.parent) for g, p in loader.items() if g != interp}))
+        argv = [*prefix, str(loader[interp]), "--library-path", libdirs, str(unpacked / "usr/bin/dropbearkey")]
+        try:
+            proc = subprocess.run([*argv, "-t", "ed25519", "-f", str(key_file)], capture_output=True, text=True)
+        except FileNotFoundError:
+            raise ImageError(f"making the guest's host key needs {argv[0]}: apt-get install qemu-user-static") from None
+        if proc.returncode != 0:
+            raise ImageError(f"dropbearkey failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        pub = next(line for line in proc.stdout.splitlines() if line.startswith("ssh-ed25519 "))
         (staging / "host_key.pub").write_text(" ".join(pub.split()[:2]) + "\n")
         shutil.rmtree(unpacked)
         for deb in staging.glob("*.deb"):

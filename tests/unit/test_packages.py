@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import ImageError
+from pytest_microvm import arch as arches
 from pytest_microvm.image import packages
+from pytest_microvm.image.apt import Apt
 from pytest_microvm.image.packages import (
     PackageRoot,
     _Deb,
@@ -30,8 +32,6 @@ from pytest_microvm.image.packages import (
     package_root,
     parse_alternatives,
 )
-from pytest_microvm import arch as arches
-from pytest_microvm.image.apt import Apt
 from pytest_microvm.image.sources import APT_LISTS, find_busybox
 
 HAVE_APT = shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None
