@@ -50,6 +50,10 @@ class Arch:
     cross_compilers: tuple[str, ...]  # C compilers that build for it on another host
     cross_packages: str  # what brings one of them, with a static libc
     hotplug: str  # how a device is hot-plugged on its root port, for error messages
+    # The kernel built from source: the kernel's ARCH=, the make target, the file it makes.
+    linux_arch: str
+    kernel_target: str
+    kernel_output: str
 
     def __repr__(self) -> str:
         return f"<Arch {self.name}>"
@@ -89,6 +93,13 @@ class Arch:
     def compiler_packages(self) -> str:
         return "gcc libc6-dev" if self.native else self.cross_packages
 
+    def make_args(self) -> list[str]:
+        """make's arguments that build a kernel for this architecture (a cross build on
+        another host: the compiler of :attr:`cross_compilers`)."""
+        if self.native:
+            return []
+        return [f"ARCH={self.linux_arch}", f"CROSS_COMPILE={self.cross_compilers[0].removesuffix('gcc')}"]
+
     def user_emulator(self) -> str | None:
         """The command that runs this architecture's programs on this host at build time
         (busybox's applet list, a root's Python bytecode): None for the host's own."""
@@ -104,6 +115,9 @@ class X86_64(Arch):
     console = "ttyS0"
     elf_machine = 62  # EM_X86_64
     cross_compilers = ("x86_64-linux-gnu-gcc",)
+    linux_arch = "x86"
+    kernel_target = "vmlinux"  # the ELF, booted through its PVH entry
+    kernel_output = "vmlinux"
     cross_packages = "gcc-x86-64-linux-gnu libc6-dev-amd64-cross"
     hotplug = "PCIEPORTBUS, HOTPLUG_PCI and HOTPLUG_PCI_ACPI (Debian's and the source kernel have them)"
 
@@ -147,6 +161,9 @@ class Aarch64(Arch):
     console = "ttyAMA0"
     elf_machine = 183  # EM_AARCH64
     cross_compilers = ("aarch64-linux-gnu-gcc",)
+    linux_arch = "arm64"
+    kernel_target = "Image"
+    kernel_output = "arch/arm64/boot/Image"
     cross_packages = "gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
     hotplug = "PCIEPORTBUS and HOTPLUG_PCI_PCIE (Debian's arm64 kernel has them)"
     TCG_CPU = "cortex-a57"

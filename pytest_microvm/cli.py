@@ -354,7 +354,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     line(True, "kernel", describe_kernel(values["kernel"], cache, guest))
     if values["kernel"] == "source":
         try:
-            check_build_tools()
+            check_build_tools(guest)
             line(True, "kernel build", "make, gcc, flex, bison, bc and libelf-dev are installed")
         except ImageError as exc:
             line(False, "kernel build", str(exc))

@@ -18,9 +18,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from pytest_microvm import _logging
 from pytest_microvm.arch import Arch
 from pytest_microvm.errors import ImageError
 
+log = _logging.logger(__name__)
 HOST_LISTS = Path("/var/lib/apt/lists")  # rewritten by `apt-get update`, and only then
 
 
@@ -89,6 +91,14 @@ class Apt:
                 proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
             except FileNotFoundError:
                 raise ImageError(f"{self.arch.name} guests need apt-get (Debian/Ubuntu) for their packages") from None
+            if proc.returncode != 0 and self.has_lists():
+                # Offline, or a mirror down: the lists fetched before still name real packages
+                # (and what is cached was built from them).
+                log.warning(
+                    "apt-get update for %s failed (%s); using its package lists from before",
+                    self.arch.debian, proc.stderr.strip()[-300:],
+                )  # fmt: skip
+                return
             if proc.returncode != 0 or not self.has_lists():
                 raise ImageError(
                     f"apt-get update for {self.arch.debian} failed ({proc.returncode}): "

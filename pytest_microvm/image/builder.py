@@ -330,13 +330,7 @@ def build_image(
     elif kernel == "source":
         if modules:
             raise ImageError("the kernel built from source has its drivers built in: it takes no module tree")
-        if not guest.native:
-            raise ImageError(
-                f"the kernel built from source is built for {arches.host_name()} guests only (its config is "
-                f"x86-specific and no cross build is set up yet): use --kernel debian (Debian's "
-                f"{guest.kernel_package}) or a kernel file for {guest.name}"
-            )
-        kfiles = source_kernel(root, progress)
+        kfiles = source_kernel(root, progress, guest)
     else:
         kfiles = user_kernel(Path(kernel), Path(modules) if modules else None, root, progress)
     agent = build_agent(root, progress, guest)

@@ -2,8 +2,10 @@
 
 Why: under TCG most of a boot is the kernel's own start-up, and Debian's kernel is
 built for every machine there is. ``make tinyconfig`` plus the options in
-``guest-image/kernel/microvm.config`` (everything the guest needs, built in) boots in
-about half the time and loads no modules. The price is one build per source version
+``guest-image/kernel/microvm.config`` and the guest architecture's
+``microvm-<arch>.config`` (everything the guest needs, built in) boots in about half the
+time and loads no modules. For another architecture than the host's it is cross-built
+(``ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-``) from the same source. The price is one build per source version
 and config (minutes on two cores), after which the result sits in the cache like any
 other ingredient.
 
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from pytest_microvm import arch as arches
 from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
 from pytest_microvm.image.sources import (
@@ -51,6 +54,15 @@ def kernel_config_path() -> Path:
     raise ImageError(f"the kernel config ({CONFIG_NAME}) is missing from this installation; reinstall pytest-microvm")
 
 
+def kernel_fragments(arch: arches.Arch) -> list[Path]:
+    """The fragments merged in order: the common one, then the architecture's own."""
+    common = kernel_config_path()
+    own = common.with_name(f"microvm-{arch.name}.config")
+    if not own.is_file():
+        raise ImageError(f"the kernel config for {arch.name} ({own.name}) is missing; reinstall pytest-microvm")
+    return [common, own]
+
+
 def wanted_options(fragment: str) -> dict[str, str]:
     """``{"CONFIG_X": "y" | "n"}`` from a fragment of ``CONFIG_X=y`` / ``# CONFIG_X is not set`` lines."""
     options = {}
@@ -72,9 +84,12 @@ def missing_options(wanted: dict[str, str], config: str) -> list[str]:
     return sorted(name for name, value in wanted.items() if have.get(name, "n") != value)
 
 
-def check_build_tools() -> None:
-    """Raise ImageError naming the Debian packages to install if a build tool is missing."""
+def check_build_tools(arch: arches.Arch | None = None) -> None:
+    """Raise ImageError naming the Debian packages to install if a build tool is missing
+    (for another architecture: its cross compiler too)."""
     missing = [pkg for tool, pkg in _BUILD_TOOLS.items() if shutil.which(tool) is None]
+    if arch is not None and not arch.native and shutil.which(arch.cross_compilers[0]) is None:
+        missing.append(arch.cross_packages.split()[0])
     if not Path("/usr/include/gelf.h").exists():
         missing.append("libelf-dev")
     if missing:
@@ -133,24 +148,32 @@ def _make(tree: Path, args: list[str], what: str, progress: Progress, log: Path)
         raise ImageError(f"{what} failed (make {' '.join(args)}, exit {proc.returncode}); the log is {log}:\n{tail}")
 
 
-def source_kernel(cache: Path, progress: Progress) -> KernelFiles:
-    """The kernel built from Debian's source with the microvm config, built once and cached."""
+def source_kernel(cache: Path, progress: Progress, arch: arches.Arch | None = None) -> KernelFiles:
+    """The kernel built from Debian's source with the microvm config, for ``arch`` (default
+    the host's; cross-built for another), built once and cached."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise ImageError("building the kernel from source needs apt-get and dpkg-deb (Debian/Ubuntu)")
-    fragment_path = kernel_config_path()
-    fragment = fragment_path.read_text()
+    arch = arch or arches.get()
+    fragments = kernel_fragments(arch)
+    fragment = "".join(p.read_text() for p in fragments)
     wanted = wanted_options(fragment)
+    # The source is the host's (linux-source is the same for every architecture).
     real, version = resolve_package(cache, SOURCE_PACKAGE, meta=True, provider="linux-source-")
-    gcc = shutil.which("gcc")  # if missing, the build below says what to install
+    compiler = "gcc" if arch.native else arch.cross_compilers[0]
+    gcc = shutil.which(compiler)  # if missing, the build below says what to install
     cc = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.split("\n")[0] if gcc else ""
     digest = hashlib.sha256(f"{RECIPE_VERSION}\n{cc}\n{fragment}".encode()).hexdigest()[:12]
-    key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + f"-microvm-{digest}"
+    name = re.sub(r"[^\w.+-]", "_", f"{real}_{version}")
+    key = f"{name}-microvm-{digest}" if arch.name == "x86_64" else f"{name}-microvm-{arch.name}-{digest}"
     final = cache / "kernels" / key
+    make_arch = arch.make_args()
 
     def build(dest: Path) -> None:
-        check_build_tools()
+        check_build_tools(arch)
         jobs = os.cpu_count() or 1
-        progress(f"building a kernel from {real} {version} ({jobs} jobs; minutes, once per version and config)")
+        progress(
+            f"building a {arch.name} kernel from {real} {version} ({jobs} jobs; minutes, once per version and config)"
+        )
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".src-") as tmp:
             work = Path(tmp)
             progress(f"downloading {real} {version}")
@@ -158,23 +181,26 @@ def source_kernel(cache: Path, progress: Progress) -> KernelFiles:
             # Beside the cache entry, not in it: a failed build's staging directory goes away.
             log = final.parent / f"{final.name}.build.log"
             log.unlink(missing_ok=True)
-            _make(tree, ["tinyconfig"], "make tinyconfig", progress, log)
+            _make(tree, [*make_arch, "tinyconfig"], "make tinyconfig", progress, log)
             run_tool(
-                [str(tree / "scripts/kconfig/merge_config.sh"), "-m", ".config", str(fragment_path)],
+                [str(tree / "scripts/kconfig/merge_config.sh"), "-m", ".config", *map(str, fragments)],
                 "merging the microvm kernel config",
                 cwd=tree,
+                env={**os.environ, **dict(a.split("=", 1) for a in make_arch)},  # it reads ARCH
             )
-            _make(tree, ["olddefconfig"], "make olddefconfig", progress, log)
+            _make(tree, [*make_arch, "olddefconfig"], "make olddefconfig", progress, log)
             config = (tree / ".config").read_text()
             lost = missing_options(wanted, config)
             if lost:
                 raise ImageError(
-                    f"{real} {version} cannot have these options of {fragment_path.name} as asked "
+                    f"{real} {version} cannot have these options of {' + '.join(p.name for p in fragments)} as asked "
                     f"(unknown or dependencies unmet): {', '.join(lost)}"
                 )
-            _make(tree, [f"-j{jobs}", "vmlinux"], "compiling the kernel", progress, log)
-            release = run_tool(["make", "-s", "-C", str(tree), "kernelrelease"], "reading the kernel release").strip()
-            shutil.copyfile(tree / "vmlinux", dest / "kernel")
+            _make(tree, [*make_arch, f"-j{jobs}", arch.kernel_target], "compiling the kernel", progress, log)
+            release = run_tool(
+                ["make", "-s", "-C", str(tree), *make_arch, "kernelrelease"], "reading the kernel release"
+            ).strip()
+            shutil.copyfile(tree / arch.kernel_output, dest / "kernel")
             (dest / "config").write_text(config)
             (dest / "release").write_text(release + "\n")
             (dest / "modules").mkdir()

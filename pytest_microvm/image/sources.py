@@ -44,9 +44,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def run_tool(argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
+def run_tool(argv: Sequence[str], what: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     try:
-        proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, check=False, env=env)
     except FileNotFoundError:
         raise ImageError(f"{what}: {argv[0]} is not installed") from None
     if proc.returncode != 0:
@@ -319,14 +319,13 @@ def user_kernel(path: Path, moddir: Path | None, cache: Path, progress: Progress
 def describe_kernel(kernel: str | None, cache: Path, arch: arches.Arch | None = None) -> str:
     """One line naming the kernel a build would use, without building (for the pytest header)."""
     apt = Apt(arch or arches.get(), cache)
-    if kernel == "source" and not apt.native:
-        return f"built from source: not for {apt.arch.name} guests"
     if kernel == "source":
         try:
             real, version = resolve_package(cache, SOURCE_PACKAGE, provider="linux-source-")
         except ImageError as exc:
             return f"built from source: unknown ({exc})"
-        return f"built from Debian's {real} {version} with microvm.config"
+        cross = "" if apt.native else f", cross-built for {apt.arch.name}"
+        return f"built from Debian's {real} {version} with microvm.config{cross}"
     if kernel is not None and kernel != "debian":
         return f"{kernel} (given)"
     if not shutil.which("apt-cache"):

@@ -25,7 +25,9 @@ from pytest_microvm import GuestImage, MicroVM, VMConfig, build_image
 from pytest_microvm import arch as arches
 from pytest_microvm.image.apt import Apt
 from pytest_microvm.image.sources import find_busybox
+from pytest_microvm.machine.snapshot.policy import Templates
 from pytest_microvm.machine.snapshot.strategies import RestoreClone
+from tests.integration.paths import needs_kernel_path
 
 FOREIGN = [a for a in arches.NAMES if a != arches.host_name()]
 pytestmark = pytest.mark.foreign_arch
@@ -42,9 +44,16 @@ def cache(microvm_image: GuestImage) -> Path:
 
 
 @pytest.fixture(scope="module")
-def image(arch: str, cache: Path) -> GuestImage:
-    """Debian's kernel of that architecture, its busybox, the agent cross-compiled."""
-    built = build_image(arch=arch, cache=cache)
+def kernel(session_kernel: str | None) -> str:
+    """The session's kernel where it names one for every architecture (a run with
+    --microvm-kernel source tests the cross-built one); a kernel file is the host's."""
+    return session_kernel if session_kernel in ("debian", "source") else "debian"
+
+
+@pytest.fixture(scope="module")
+def image(arch: str, cache: Path, kernel: str) -> GuestImage:
+    """That architecture's kernel and busybox, the agent cross-compiled."""
+    built = build_image(arch=arch, cache=cache, kernel=kernel)
     assert built.arch == arch and built.kernel.name == ("Image" if arch == "aarch64" else "vmlinux")
     return built
 
@@ -98,8 +107,8 @@ def test_share_is_read_and_written(vm: MicroVM, shared: Path) -> None:
     assert (shared / "from-guest").read_text() == "hello host\n"
 
 
-def test_packages_are_that_architectures(arch: str, cache: Path) -> None:
-    image = build_image(arch=arch, cache=cache, packages=("python3",))
+def test_packages_are_that_architectures(arch: str, cache: Path, kernel: str) -> None:
+    image = build_image(arch=arch, cache=cache, kernel=kernel, packages=("python3",))
     with MicroVM(VMConfig(image=image, arch=arch, packages=("python3",)), name="py") as vm:
         out = _out(
             vm,
@@ -111,7 +120,7 @@ def test_packages_are_that_architectures(arch: str, cache: Path) -> None:
     assert int("".join(reversed(e_machine.split())), 16) == arches.get(arch).elf_machine
 
 
-def test_rootfs_tar(arch: str, cache: Path, tmp_path: Path) -> None:
+def test_rootfs_tar(arch: str, cache: Path, kernel: str, tmp_path: Path) -> None:
     """A root of the user's own, as a tar: that architecture's static busybox and a file."""
     busybox = find_busybox(cache, lambda _m: None, Apt(arches.get(arch), cache))
     tar_path = tmp_path / "root.tar"
@@ -125,7 +134,7 @@ def test_rootfs_tar(arch: str, cache: Path, tmp_path: Path) -> None:
         info = tarfile.TarInfo("etc/marker")
         info.size = len(marker)
         tar.addfile(info, io.BytesIO(marker))
-    image = build_image(arch=arch, cache=cache, rootfs=tar_path)
+    image = build_image(arch=arch, cache=cache, kernel=kernel, rootfs=tar_path)
     assert image.root_kind == "erofs"
     with MicroVM(VMConfig(image=image, arch=arch, rootfs=str(tar_path)), name="tar") as vm:
         assert _out(vm, "cat /etc/marker; uname -m") == f"my own root\n{arch}"
@@ -155,8 +164,8 @@ def test_marker_and_factory_take_arch(arch: str, microvm_factory: Callable[..., 
     assert _out(vm, "uname -m") == arch
 
 
-def test_ssh_over_vsock(arch: str, cache: Path) -> None:
-    image = build_image(arch=arch, cache=cache, features=("ssh",))
+def test_ssh_over_vsock(arch: str, cache: Path, kernel: str) -> None:
+    image = build_image(arch=arch, cache=cache, kernel=kernel, features=("ssh",))
     with MicroVM(VMConfig(image=image, arch=arch), name="ssh") as vm:
         client: paramiko.SSHClient = vm.ssh(timeout=300)
         _stdin, stdout, _stderr = client.exec_command("uname -m; exit 4", timeout=120)
@@ -165,11 +174,30 @@ def test_ssh_over_vsock(arch: str, cache: Path) -> None:
         client.close()
 
 
-def test_cli_run(arch: str, image: GuestImage, cache: Path) -> None:
+def test_cli_run(arch: str, image: GuestImage, cache: Path, kernel: str) -> None:
     env = {**os.environ, "MICROVM_CACHE_DIR": str(cache)}
+    run = [sys.executable, "-m", "pytest_microvm.cli", "run", "--arch", arch, "--kernel", kernel]
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest_microvm.cli", "run", "--arch", arch, "--", "sh", "-c", "uname -m; exit 5"],
+        [*run, "--", "sh", "-c", "uname -m; exit 5"],
         capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=600,
     )  # fmt: skip
     assert (proc.stdout, proc.returncode) == (f"{arch}\n", 5), proc.stderr
     assert "KVM runs only" in proc.stderr  # TCG, said loudly
+
+
+@needs_kernel_path
+def test_kernel_path_boot_and_clone(arch: str, image: GuestImage) -> None:
+    """The kernel's vhost-vsock serves a guest of any architecture (TCG): boot, then clones
+    that keep their device."""
+    config = VMConfig(image=image, arch=arch, vsock="kernel")
+    with MicroVM(config.with_(snapshot=False), name="kboot") as vm:
+        assert _out(vm, "uname -m") == arch and vm.choice is not None and vm.choice.vsock == "kernel"
+    templates = Templates()
+    clones = [templates.start(config, name=f"kclone{i}") for i in range(2)]
+    try:
+        assert all(c.cloned for c in clones)
+        assert len({_out(c, "head -c 16 /dev/urandom | od -An -tx1") for c in clones}) == 2
+        assert len({c.token for c in clones}) == 2
+    finally:
+        for c in clones:
+            c.stop()
