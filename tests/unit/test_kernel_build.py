@@ -17,17 +17,40 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import ImageError, build_image
+from pytest_microvm import arch as arches
 from pytest_microvm.image import kernel_build
-from pytest_microvm.image.kernel_build import check_build_tools, kernel_config_path, missing_options, wanted_options
+from pytest_microvm.image.kernel_build import (
+    check_build_tools,
+    kernel_config_path,
+    kernel_fragments,
+    missing_options,
+    wanted_options,
+)
 from tests.agent_harness import processes_mentioning
 from tests.signals import defaults
 
 
-def test_the_shipped_fragment_asks_for_what_the_guest_needs() -> None:
-    wanted = wanted_options(kernel_config_path().read_text())
-    for option in ("CONFIG_PVH", "CONFIG_VIRTIO_VSOCKETS", "CONFIG_VIRTIO_PCI", "CONFIG_BLK_DEV_INITRD",
-                   "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_UNIX98_PTYS", "CONFIG_VIRTIO_NET", "CONFIG_INET"):  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "own"),
+    [
+        ("x86_64", ("CONFIG_PVH", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_HOTPLUG_PCI_ACPI", "CONFIG_VMGENID")),
+        ("aarch64", ("CONFIG_PCI_HOST_GENERIC", "CONFIG_SERIAL_AMBA_PL011_CONSOLE", "CONFIG_RTC_DRV_PL031")),
+    ],
+)
+def test_the_shipped_fragments_ask_for_what_the_guest_needs(arch: str, own: tuple[str, ...]) -> None:
+    fragments = kernel_fragments(arches.get(arch))
+    assert fragments[0] == kernel_config_path() and fragments[1].name == f"microvm-{arch}.config"
+    wanted = wanted_options("".join(p.read_text() for p in fragments))
+    common = ("CONFIG_VIRTIO_VSOCKETS", "CONFIG_VIRTIO_PCI", "CONFIG_BLK_DEV_INITRD", "CONFIG_HOTPLUG_PCI_PCIE",
+              "CONFIG_UNIX98_PTYS", "CONFIG_VIRTIO_NET", "CONFIG_INET")  # fmt: skip
+    for option in (*common, *own):
         assert wanted.get(option) == "y", option
+
+
+def test_a_cross_build_names_its_compiler() -> None:
+    other = arches.get(next(a for a in arches.NAMES if a != arches.host_name()))
+    assert other.make_args() == [f"ARCH={other.linux_arch}", f"CROSS_COMPILE={other.cross_compilers[0][:-3]}"]
+    assert arches.get().make_args() == []
 
 
 def test_fragment_lines_parse_as_set_and_unset() -> None:

@@ -21,11 +21,15 @@ def test_wheel_ships_agent_source_entry_point_and_types(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         agent = zf.read("pytest_microvm/_guest/agent/agent.c")
-        kernel_config = zf.read("pytest_microvm/_guest/kernel/microvm.config")
+        kernel_configs = {
+            name: zf.read(f"pytest_microvm/_guest/kernel/{name}")
+            for name in ("microvm.config", "microvm-x86_64.config", "microvm-aarch64.config")
+        }
         (entry_points,) = (n for n in names if n.endswith("entry_points.txt"))
         entry_text = zf.read(entry_points).decode()
     assert agent == (REPO / "guest-image" / "agent" / "agent.c").read_bytes()
-    assert kernel_config == (REPO / "guest-image" / "kernel" / "microvm.config").read_bytes()
+    for name, data in kernel_configs.items():
+        assert data == (REPO / "guest-image" / "kernel" / name).read_bytes()
     assert "pytest_microvm/py.typed" in names
     assert "[pytest11]\nmicrovm = pytest_microvm.plugin" in entry_text
     assert "microvm = pytest_microvm.cli:main" in entry_text
