@@ -126,7 +126,7 @@ def find_busybox(cache: Path, progress: Progress, apt: Apt | None = None) -> Pat
     if not shutil.which("apt-get"):
         raise ImageError("no static busybox found: install busybox-static (Debian/Ubuntu) or put one on PATH")
     apt.ensure_lists(progress)
-    version = _deb_version("busybox-static", apt)
+    version = resolve_package(cache, "busybox-static", meta=False, apt=apt)[1]  # remembered: no apt-cache per boot
     name = re.sub(r"[^\w.+-]", "_", version)
     final = cache / "busybox" / (name if apt.native else f"{name}-{apt.arch.debian}")
 
