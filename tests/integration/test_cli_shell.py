@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 from pytest_microvm import GuestImage
+from pytest_microvm import arch as arches
 
 
 class Terminal:
@@ -95,4 +97,17 @@ def test_doctor_names_what_will_be_used() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "will use     accel=" in proc.stdout and "vsock=" in proc.stdout
-    assert "[ok] QEMU" in proc.stdout
+    # Each architecture, with its QEMU and how it runs here (KVM only for the host's own).
+    for arch in arches.NAMES:
+        assert re.search(rf"^\[ok\] {arch} +/\S+qemu-system-{arch} \(.*\); runs under (KVM|TCG)", proc.stdout, re.M)
+    assert f"guests below: {arches.host_name()}" in proc.stdout
+
+
+def test_doctor_for_the_other_architecture_says_tcg() -> None:
+    other = next(a for a in arches.NAMES if a != arches.host_name())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest_microvm.cli", "doctor", "--arch", other],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"KVM runs only {arches.host_name()} guests" in proc.stdout and "will use     accel=tcg" in proc.stdout

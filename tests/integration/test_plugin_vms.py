@@ -82,7 +82,7 @@ def test_plugin_end_to_end(pytester: pytest.Pytester, tmp_path: Path, shared_cac
     result.assert_outcomes(passed=4, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "microvm: QEMU *; accel=*",
+            "microvm: * guests; QEMU *; accel=*",
             "*- microvm vm console (tail) -*",
             "*I-WAS-HERE*",
         ]
