@@ -24,7 +24,7 @@ ACCELS = ("auto", "kvm", "tcg")
 VSOCKS = ("auto", "kernel", "userspace")
 KERNEL_KEYWORDS = ("debian", "source")
 KERNEL_HELP = (
-    "guest kernel: debian (default; Debian's linux-image-amd64), source (a small kernel built once "
+    "guest kernel: debian (default; Debian's linux-image-amd64 or -arm64), source (a small kernel built once "
     "from Debian's linux-source: boots in about half the time), or a bzImage, vmlinux or kernel .deb"
 )
 

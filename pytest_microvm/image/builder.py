@@ -280,7 +280,7 @@ def build_image(
 ) -> GuestImage:
     """Build (or find in the cache) the guest image and return it.
 
-    ``kernel``: ``"debian"`` (the default: Debian's linux-image-amd64), ``"source"`` (a
+    ``kernel``: ``"debian"`` (the default: Debian's linux-image-amd64, or -arm64), ``"source"`` (a
     small kernel built from Debian's linux-source with ``guest-image/kernel/microvm.config``:
     boots in about half the time, built once in a few minutes), or the path of a bzImage,
     vmlinux or kernel .deb (write ``./source`` for a file named ``source``).

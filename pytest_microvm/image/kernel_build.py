@@ -164,7 +164,7 @@ def source_kernel(cache: Path, progress: Progress, arch: arches.Arch | None = No
     cc = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.split("\n")[0] if gcc else ""
     digest = hashlib.sha256(f"{RECIPE_VERSION}\n{cc}\n{fragment}".encode()).hexdigest()[:12]
     name = re.sub(r"[^\w.+-]", "_", f"{real}_{version}")
-    key = f"{name}-microvm-{digest}" if arch.name == "x86_64" else f"{name}-microvm-{arch.name}-{digest}"
+    key = f"{name}-microvm-{arch.name}-{digest}"
     final = cache / "kernels" / key
     make_arch = arch.make_args()
 
