@@ -98,6 +98,9 @@ class Apt:
                     "apt-get update for %s failed (%s); using its package lists from before",
                     self.arch.debian, proc.stderr.strip()[-300:],
                 )  # fmt: skip
+                # Not again at every build (an offline host would wait on the network each
+                # time): again when the host's own lists change.
+                marker.write_text(host)
                 return
             if proc.returncode != 0 or not self.has_lists():
                 raise ImageError(

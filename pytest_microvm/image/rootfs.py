@@ -35,7 +35,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -43,7 +43,8 @@ from typing import Any
 
 from pytest_microvm.cache import cached_build
 from pytest_microvm.errors import ImageError
-from pytest_microvm.image.sources import Progress
+
+Progress = Callable[[str], None]  # as image.sources has it (which imports this module)
 
 # Bump when the unpacked layout changes: old cache entries then stop matching.
 ROOTFS_FORMAT = "1"

@@ -11,7 +11,6 @@ small kernel built from Debian's source (:mod:`.kernel_build`).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import struct
@@ -378,17 +377,12 @@ def elf_needed(path: Path) -> list[str]:
 
 
 def _inside(tree: Path, path: str) -> Path | None:
-    """``path`` (absolute, in the guest's terms) as a file in ``tree``, symlinks followed inside it."""
-    current = tree
-    for _ in range(40):
-        candidate = current / path.lstrip("/")
-        if candidate.is_symlink():
-            target = os.readlink(candidate)
-            path = target if target.startswith("/") else str(Path("/", candidate.parent.relative_to(tree), target))
-            current = tree
-            continue
-        return candidate if candidate.is_file() else None
-    return None
+    """``path`` (absolute, in the guest's terms) as a file in ``tree``, symlinks followed as
+    the guest would, never out of ``tree``; None if it is not a file there."""
+    from pytest_microvm.image.rootfs import resolve_in_root  # (rootfs imports this module)
+
+    found = resolve_in_root(tree, path)
+    return found if found is not None and found.is_file() else None
 
 
 def library_closure(tree: Path, programs: list[str]) -> dict[str, Path]:
