@@ -30,7 +30,7 @@ from pytest_microvm.options import (
 TYPE_CHECKING = False  # typing itself costs `microvm --help` a tenth of its time
 if TYPE_CHECKING:
     from pathlib import Path
-    from typing import Any
+    from typing import Any, TextIO
 
     from pytest_microvm.client import Process
     from pytest_microvm.image import GuestImage
@@ -135,6 +135,35 @@ def _exit_status(result: CommandResult) -> int:
     return 128 + result.signal if result.signal else result.exit_code
 
 
+def _pipe_or_file(stream: TextIO | None) -> bool:
+    """Whether our standard input is there to forward: open, and not a terminal.
+
+    A terminal is not forwarded (the command reads /dev/null, as before): a typist wants
+    ``microvm shell``, and ``microvm run -- cat`` must not wait for a ^D nobody expects.
+    """
+    try:
+        return stream is not None and not os.isatty(stream.fileno())
+    except (OSError, ValueError):  # closed (no stdin at all) or not a real descriptor
+        return False
+
+
+def _forward_stdin(proc: Process, fd: int) -> None:
+    """Copy our standard input to the command's, byte-exact; our end of input ends its input.
+
+    Runs in a daemon thread: a command that exits without reading everything leaves it
+    blocked in read(), which must not keep us alive. Chunks of 64 KiB: the protocol's
+    credit window, not our memory, bounds what is in flight.
+    """
+    from pytest_microvm.errors import MicroVMError
+
+    try:
+        while data := os.read(fd, 1 << 16):
+            proc.write(data)
+        proc.close_stdin()
+    except (OSError, MicroVMError):
+        pass  # the command ended or the VM went away: its result says what happened
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Boot a VM, run one command with its output streamed as it comes, power off."""
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -147,7 +176,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Templates(args.cache_dir).start(config, name="run") as vm:
         if vm.choice and vm.choice.accel == "tcg":
             print(f"microvm: running under TCG ({vm.choice.why})", file=sys.stderr)
-        result = _stream(vm.start_process(command, timeout=args.timeout))
+        forward = not args.no_stdin and _pipe_or_file(sys.stdin)
+        proc = vm.start_process(command, stdin=forward, timeout=args.timeout)
+        if forward:
+            import threading
+
+            threading.Thread(target=_forward_stdin, args=(proc, sys.stdin.fileno()), daemon=True).start()
+        result = _stream(proc)
         if args.keep:
             print(f"microvm: the VM stays up; reach it with: microvm attach {vm.workdir}", file=sys.stderr)
     if result.timed_out:
@@ -400,6 +435,13 @@ def parser() -> argparse.ArgumentParser:
     add_cli_options(p, VM)
     p.add_argument("--timeout", type=float, default=None, help="kill the command after this many seconds")
     p.add_argument("--keep", action="store_true", help="leave the VM running afterwards (reach it: microvm attach)")
+    p.add_argument(
+        "-n",
+        "--no-stdin",
+        action="store_true",
+        help="do not read standard input (as ssh -n): CMD reads /dev/null. Without it a pipe or file on "
+        "stdin is forwarded byte-exact and its end closes CMD's stdin; a terminal is never read",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     p.set_defaults(func=cmd_run)
 

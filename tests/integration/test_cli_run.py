@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -33,6 +34,49 @@ def test_run_streams_output_and_exits_with_the_commands_status(microvm_image: Gu
 
 def test_run_reports_death_by_signal_as_128_plus_n(microvm_image: GuestImage) -> None:
     assert microvm("run", "--", "sh", "-c", "kill -KILL $$").returncode == 128 + 9
+
+
+def test_run_forwards_a_pipe_byte_exact_and_its_end_closes_the_commands_stdin(microvm_image: GuestImage) -> None:
+    data = os.urandom(3 * 1024 * 1024) + b"\x00\r\n\x04 no newline at the end"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest_microvm.cli", "run", "--", "sha256sum"],
+        input=data, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_run_forwards_a_file_and_a_command_that_reads_nothing_still_ends(
+    microvm_image: GuestImage, tmp_path: Path
+) -> None:
+    source = tmp_path / "input"
+    source.write_bytes(b"line one\nline two\n")
+    with source.open("rb") as stdin:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest_microvm.cli", "run", "--", "sh", "-c", "wc -l; read x || echo EOF"],
+            stdin=stdin, capture_output=True, timeout=300,
+        )  # fmt: skip
+    assert (proc.returncode, proc.stdout.split()) == (0, [b"2", b"EOF"]), proc.stderr
+    # 8 MB the command never reads: the run ends with the command, not with our input.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest_microvm.cli", "run", "--", "true"],
+        input=bytes(8 * 1024 * 1024), capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_run_n_leaves_stdin_to_the_script_that_loops_over_it(microvm_image: GuestImage, tmp_path: Path) -> None:
+    (tmp_path / "hosts").write_text("alpha\nbeta\ngamma\n")
+    loop = 'while read h; do "$0" -m pytest_microvm.cli run {flag} -- echo "got $h"; done < hosts'
+    with_n = subprocess.run(
+        ["sh", "-c", loop.format(flag="-n"), sys.executable], cwd=tmp_path, capture_output=True, timeout=300
+    )
+    assert with_n.stdout.decode().split("\n") == ["got alpha", "got beta", "got gamma", ""], with_n.stderr
+    # Without -n the first run forwards (and so swallows) the rest of the list: what -n is for.
+    without = subprocess.run(
+        ["sh", "-c", loop.format(flag=""), sys.executable], cwd=tmp_path, capture_output=True, timeout=300
+    )
+    assert without.stdout == b"got alpha\n", without.stderr
 
 
 def test_run_without_a_command_is_a_usage_error() -> None:
