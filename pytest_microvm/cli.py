@@ -21,6 +21,8 @@ from pytest_microvm.options import (
     add_cli_options,
     cli_values,
     image_request,
+    kernel_matrix,
+    one_kernel,
     vm_config,
 )
 
@@ -47,10 +49,10 @@ def _progress() -> Callable[[str], None]:
     return say
 
 
-def _build(values: dict[str, Any]) -> GuestImage:
+def _build(values: dict[str, Any], kernel: str | None) -> GuestImage:
     from pytest_microvm.image import build_image
 
-    return build_image(**image_request(values), progress=_progress())
+    return build_image(**image_request(values, kernel), progress=_progress())
 
 
 def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
@@ -60,11 +62,20 @@ def _vm_config(args: argparse.Namespace, **changes: object) -> VMConfig:
     values = cli_values(args, VM)
     for spec in values["shares"] or ():
         Share.parse(spec)  # a typo is an error before the image is built
-    return vm_config(values, image=_build(values), **changes)
+    return vm_config(values, image=_build(values, one_kernel(values, f"microvm {args.command}")), **changes)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
-    image = _build(cli_values(args, IMAGE))
+    """Build the image for each kernel asked for (a matrix builds them all), print their paths."""
+    values = cli_values(args, IMAGE)
+    for n, kernel in enumerate(kernel_matrix(values)):
+        if n:
+            print()
+        _print_image(_build(values, kernel))
+    return 0
+
+
+def _print_image(image: GuestImage) -> None:
     print(f"image:     {image.directory}")
     boot = "PVH boot" if image.pvh else image.kernel.name
     print(f"kernel:    {image.kernel} ({image.kernel_release}, {image.arch}, {boot})")
@@ -76,7 +87,6 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         print("root:      the host's / over 9p, read-only, under a tmpfs overlay")
     elif image.packages or image.rootfs:
         print("root:      packed into the initramfs (mkfs.erofs missing)")
-    return 0
 
 
 def cmd_image_check(args: argparse.Namespace) -> int:
@@ -86,7 +96,8 @@ def cmd_image_check(args: argparse.Namespace) -> int:
 
     from pytest_microvm.machine import QemuProcess, VMConfig, detect_host, qemu_argv, storage
 
-    image = _build(cli_values(args, IMAGE))
+    values = cli_values(args, IMAGE)
+    image = _build(values, one_kernel(values, "microvm image check"))
     host = detect_host(arch=image.arch)
     if host.qemu is None:
         print(f"error: {host.missing_qemu()}", file=sys.stderr)
@@ -386,8 +397,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ok = False
     cache = cache_dir(values["cache-dir"])
     line(True, "cache", str(cache))
-    line(True, "kernel", describe_kernel(values["kernel"], cache, guest))
-    if values["kernel"] == "source":
+    kernels = kernel_matrix(values)
+    for kernel in kernels:
+        label = "kernel" if len(kernels) == 1 else f"kernel {kernel}"
+        line(True, label, describe_kernel(kernel, cache, guest))
+    if "source" in kernels:
         try:
             check_build_tools(guest)
             line(True, "kernel build", "make, gcc, flex, bison, bc and libelf-dev are installed")

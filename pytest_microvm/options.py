@@ -23,10 +23,14 @@ if TYPE_CHECKING:
 ACCELS = ("auto", "kvm", "tcg")
 VSOCKS = ("auto", "kernel", "userspace")
 KERNEL_KEYWORDS = ("debian", "source")
+APT_KERNEL = "debian:"  # debian:VERSION names linux-image-VERSION-<arch> of the host's apt sources
 KERNEL_HELP = (
-    "guest kernel: debian (default; Debian's linux-image-amd64 or -arm64), source (a small kernel built once "
-    "from Debian's linux-source: boots in about half the time), or a bzImage, vmlinux or kernel .deb"
+    "guest kernel: debian (default; Debian's linux-image-amd64 or -arm64), debian:VERSION (the package "
+    "linux-image-VERSION-amd64 or -arm64 of the host's apt sources: debian:6.1.0-44, debian:6.12, "
+    "debian:6.12.48+deb12, debian:cloud), source (a small kernel built once from Debian's linux-source: boots "
+    "in about half the time), or a bzImage, vmlinux or kernel .deb"
 )
+MATRIX_HELP = "; several, comma-separated, run every VM test once on each (the kernel matrix)"
 
 # Where the CLI takes an option: "vm" (run, shell), "image" (image build, image check), "doctor".
 VM, IMAGE, DOCTOR = "vm", "image", "doctor"
@@ -92,9 +96,14 @@ class Option:
             return None
         if self.kind == "flag":
             return bool(value)
-        if self.kind == "list":
+        if self.kind in ("list", "kernels", "modules"):
             items = value if isinstance(value, list) else [value]
-            return tuple(v.strip() for item in items for v in str(item).replace("\n", ",").split(",") if v.strip())
+            values = tuple(v.strip() for item in items for v in str(item).replace("\n", ",").split(",") if v.strip())
+            if self.kind == "kernels":
+                return tuple(dict.fromkeys(_kernel(v) for v in values)) or None
+            if self.kind == "modules":
+                return tuple(_modules_entry(v) for v in values) or None
+            return values
         value = str(value)
         if self.choices and value not in self.choices:
             raise OptionError(f"{value!r}; use {_either(self.choices)}")
@@ -105,11 +114,63 @@ class Option:
                 return float(value)
         except ValueError:
             raise OptionError(f"{value!r} is not a number") from None
-        if (self.kind == "kernel" and value in KERNEL_KEYWORDS) or (self.kind == "rootfs" and value == "host"):
+        if self.kind == "rootfs" and value == "host":
             return value
-        if self.kind in ("path", "kernel", "rootfs") and not os.path.exists(value):
+        if self.kind in ("path", "rootfs") and not os.path.exists(value):
             raise OptionError(f"{value} does not exist")
         return value
+
+
+def _kernel(value: str) -> str:
+    """One kernel of the matrix as given: a keyword, ``debian:VERSION``, or a file that exists."""
+    if value in KERNEL_KEYWORDS:
+        return value
+    if value.startswith(APT_KERNEL):
+        if not value.removeprefix(APT_KERNEL) or "/" in value:
+            raise OptionError(f"{value!r}: write debian:VERSION, VERSION as in linux-image-VERSION-amd64 (e.g. 6.12)")
+        return value
+    if not os.path.exists(value):
+        raise OptionError(f"{value} does not exist (a kernel is {_either(KERNEL_KEYWORDS)}, debian:VERSION or a file)")
+    return value
+
+
+def _modules_entry(value: str) -> tuple[str | None, str]:
+    """``DIR`` (the one kernel's modules) or ``KERNEL=DIR`` (that kernel's, in a matrix)."""
+    kernel, sep, path = value.rpartition("=")
+    if not sep:
+        kernel, path = "", value
+    if not os.path.isdir(path):
+        raise OptionError(f"{path} does not exist or is not a directory")
+    return (kernel or None), path
+
+
+def kernel_matrix(values: Mapping[str, Any]) -> tuple[str | None, ...]:
+    """The kernels VMs run on, in the order given; (None,) is the one default kernel."""
+    return tuple(values.get("kernel") or ()) or (None,)
+
+
+def kernel_id(kernel: str | None) -> str:
+    """A kernel's part of a test id: ``linux-source``, ``linux-debian:6.12``, ``linux-bzImage``.
+
+    Never ``kernel``: the vsock-path parameters already use ``[kernel]`` and ``[userspace]``.
+    """
+    name = kernel or "debian"
+    if name not in KERNEL_KEYWORDS and not name.startswith(APT_KERNEL):
+        name = os.path.basename(name.rstrip("/")) or name
+    return "linux-" + name
+
+
+def modules_for(values: Mapping[str, Any], kernel: str | None) -> str | None:
+    """The module tree given for ``kernel``: its ``KERNEL=DIR`` entry, else a bare DIR when
+    there is one kernel. OptionError for a bare DIR in a matrix (which kernel's is it?)."""
+    entries = values.get("modules") or ()
+    for name, path in entries:
+        if name is not None and name == kernel:
+            return str(path)
+    bare = [path for name, path in entries if name is None]
+    if bare and len(kernel_matrix(values)) > 1:
+        raise OptionError(f"--microvm-modules {bare[0]}: with several kernels, give each its modules as KERNEL=DIR")
+    return bare[0] if bare else None
 
 
 def _either(choices: Iterable[str]) -> str:
@@ -124,8 +185,10 @@ OPTIONS: tuple[Option, ...] = (
            VSOCKS, cli=(VM, DOCTOR), template_key=True),
     Option("arch", "str", "guest architecture (default: the host's; another runs under TCG emulation)", None,
            arches.NAMES, cli=(VM, IMAGE, DOCTOR), template_key=True),
-    Option("kernel", "kernel", KERNEL_HELP, cli=(VM, IMAGE, DOCTOR), metavar="debian|source|PATH", template_key=True),
-    Option("modules", "path", "lib/modules/<release> tree for the kernel, if it needs modules",
+    Option("kernel", "kernels", KERNEL_HELP + MATRIX_HELP, cli=(VM, IMAGE, DOCTOR),
+           metavar="debian|debian:VERSION|source|PATH", template_key=True),
+    Option("modules", "modules", "lib/modules/<release> tree for the kernel, if it needs modules (in a matrix: "
+           "KERNEL=DIR for each kernel that needs them, comma-separated)",
            cli=(VM, IMAGE), cli_hidden=(VM,), metavar="DIR", template_key=True),
     Option("memory", "int", "guest memory in MiB", "256", cli=(VM,), metavar="MIB", template_key=True),
     Option("vcpus", "int", "guest vCPUs (under TCG one is fastest)", "1", cli=(VM,), metavar="N", template_key=True),
@@ -217,11 +280,23 @@ def vm_config(values: Mapping[str, Any], image: GuestImage | None = None, **chan
     )
 
 
-def image_request(values: Mapping[str, Any]) -> dict[str, Any]:
-    """build_image's keyword arguments from the options' ``values`` (by name, converted)."""
+def one_kernel(values: Mapping[str, Any], what: str) -> str | None:
+    """The kernel of a command that boots one (``what`` names it); OptionError for several."""
+    kernels = kernel_matrix(values)
+    if len(kernels) > 1:
+        raise OptionError(
+            f"--kernel: {what} uses one kernel, not {len(kernels)} ({', '.join(str(k) for k in kernels)}); "
+            "a kernel matrix is for pytest (--microvm-kernel A,B) and `microvm image build`"
+        )
+    return kernels[0]
+
+
+def image_request(values: Mapping[str, Any], kernel: str | None) -> dict[str, Any]:
+    """build_image's keyword arguments from the options' ``values`` (by name, converted), for
+    ``kernel``: one of :func:`kernel_matrix` (None: the default kernel)."""
     return {
-        "kernel": values.get("kernel"),
-        "modules": values.get("modules"),
+        "kernel": kernel,
+        "modules": modules_for(values, kernel),
         "cache": values.get("cache-dir"),
         "features": values.get("features") or (),
         "packages": values.get("packages") or (),

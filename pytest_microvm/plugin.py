@@ -2,6 +2,9 @@
 
 Fixtures, smallest first — override the small ones in a conftest.py:
 
+- ``microvm_kernel`` (session): the kernel of this test's VMs; with several kernels
+  (``--microvm-kernel debian,source``) every test that uses a VM fixture runs once on each,
+  with ``linux-<kernel>`` in its id (:func:`pytest_generate_tests`)
 - ``microvm_image`` (session): the built guest image (cached; locked across xdist workers)
 - ``microvm_config`` (function): the :class:`VMConfig` from options, ini keys, the
   ``microvm`` marker and the ``pytest_microvm_config`` hook
@@ -33,7 +36,15 @@ import pytest
 
 from pytest_microvm import hookspecs
 from pytest_microvm._sigterm import SigtermUnwinds
-from pytest_microvm.options import BY_NAME, OptionError, image_request, plugin_options, vm_config
+from pytest_microvm.options import (
+    BY_NAME,
+    OptionError,
+    image_request,
+    kernel_id,
+    kernel_matrix,
+    plugin_options,
+    vm_config,
+)
 
 # Only the standard library, pytest and the option table at the top (pytest-xdist's
 # plugin.py is the model): a pytest run that uses no VM, and every xdist worker's start,
@@ -45,8 +56,8 @@ if TYPE_CHECKING:
 
 _VMS = pytest.StashKey[list["MicroVM"]]()
 _CALL_FAILED = pytest.StashKey[bool]()
-# By architecture and root_request().
-_IMAGES = pytest.StashKey[dict[tuple[str, tuple[str, ...], str | None], "GuestImage"]]()
+# By architecture, kernel and root_request().
+_IMAGES = pytest.StashKey[dict[tuple[str, str | None, tuple[str, ...], str | None], "GuestImage"]]()
 _POOL = pytest.StashKey["ClonePool"]()
 _SIGTERM = pytest.StashKey[SigtermUnwinds]()
 _INTERRUPTED = pytest.StashKey[bool]()
@@ -113,7 +124,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "microvm(**config): configure the `microvm` fixture for this test with VMConfig fields, "
-        "e.g. @pytest.mark.microvm(memory_mib=512, vcpus=2, kernel_cmdline=('quiet',))",
+        "e.g. @pytest.mark.microvm(memory_mib=512, vcpus=2, kernel_cmdline=('quiet',)); "
+        "kernels=('source',) runs it on those kernels of the matrix only",
     )
     _base_config(config)  # a bad option or combination fails the run now, before any test
     if (_setting(config, "pool") or 0) < 0:
@@ -179,8 +191,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     except ConfigError as exc:
         return [f"microvm: {exc}"]
     arch = arches.get(base.arch)
-    kernel = describe_kernel(_setting(config, "kernel"), cache_dir(_setting(config, "cache-dir")), arch)
-    lines = [f"microvm: {arch.name} guests; QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
+    cache = cache_dir(_setting(config, "cache-dir"))
+    kernels = kernel_matrix(_values(config))
+    if len(kernels) == 1:
+        kernel = describe_kernel(kernels[0], cache, arch)
+        lines = [f"microvm: {arch.name} guests; QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
+    else:
+        lines = [f"microvm: {arch.name} guests; QEMU {host.qemu_version}; {choice.why}"]
+        lines.append(f"microvm: kernel matrix: every VM test runs on each of {len(kernels)} kernels")
+        lines += [f"microvm:   [{kernel_id(k)}] {describe_kernel(k, cache, arch)}" for k in kernels]
     if _setting(config, "snapshot") == "off":
         lines.append("microvm: snapshots off: every VM boots")
     elif config.hook.pytest_microvm_qemu_args.get_hookimpls():
@@ -195,14 +214,62 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 # ---- fixtures -------------------------------------------------------------------------
 
 
-def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None, arch: str) -> GuestImage:
-    """The image with the session's kernel and features and this root and architecture;
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The kernel matrix: a test that uses a VM fixture runs once per kernel of
+    ``--microvm-kernel`` (``[linux-source]`` in its id); ``@pytest.mark.microvm(kernels=...)``
+    narrows that for one test. A single kernel adds nothing to the ids."""
+    if "microvm_kernel" not in metafunc.fixturenames:
+        return
+    matrix = kernel_matrix(_values(metafunc.config))
+    marker = metafunc.definition.get_closest_marker("microvm")
+    wanted = marker.kwargs.get("kernels") if marker is not None else None
+    if wanted is None:
+        chosen = matrix
+    else:
+        if isinstance(wanted, str) or not all(isinstance(k, str) for k in wanted):
+            raise pytest.UsageError(
+                f"@pytest.mark.microvm(kernels=...) on {metafunc.definition.nodeid} takes a tuple of kernel names, "
+                f"as --microvm-kernel writes them, e.g. kernels=('source',); got {wanted!r}"
+            )
+        chosen = tuple(k for k in matrix if any(_same_kernel(k, w) for w in wanted))
+    if not chosen:
+        reason = (
+            f"runs on kernel(s) {', '.join(wanted or ())} only (@pytest.mark.microvm(kernels=...)); this run's "
+            f"kernels are {', '.join(k or 'debian' for k in matrix)} (--microvm-kernel)"
+        )
+        skip = pytest.param(None, marks=pytest.mark.skip(reason=reason), id="linux-none")
+        metafunc.parametrize("microvm_kernel", [skip], indirect=True, scope="session")
+    elif len(matrix) > 1:
+        ids = [kernel_id(k) for k in chosen]
+        metafunc.parametrize("microvm_kernel", chosen, indirect=True, ids=ids, scope="session")
+
+
+def _same_kernel(kernel: str | None, name: str) -> bool:
+    """Whether the marker's ``name`` is the matrix's ``kernel`` (a path as written or resolved)."""
+    import os
+
+    given = kernel or "debian"
+    return name == given or (os.path.exists(name) and os.path.abspath(name) == os.path.abspath(given))
+
+
+@pytest.fixture(scope="session")
+def microvm_kernel(request: pytest.FixtureRequest) -> str | None:
+    """The kernel of this test's VMs, as ``--microvm-kernel`` names it (None: the default,
+    Debian's): the only one, or this test's entry of the kernel matrix."""
+    kernel: str | None = getattr(request, "param", kernel_matrix(_values(request.config))[0])
+    return kernel
+
+
+def _image(
+    config: pytest.Config, packages: tuple[str, ...], rootfs: str | None, arch: str, kernel: str | None
+) -> GuestImage:
+    """The image with this kernel, the session's features, and this root and architecture;
     built once per session for each asked for (cached across sessions, locked across workers)."""
     from pytest_microvm.image import build_image
     from pytest_microvm.image.builder import root_request
 
     images = config.stash.setdefault(_IMAGES, {})
-    key = (arch, *root_request(packages, rootfs))
+    key = (arch, kernel, *root_request(packages, rootfs))
     if key not in images:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
 
@@ -210,24 +277,28 @@ def _image(config: pytest.Config, packages: tuple[str, ...], rootfs: str | None,
             if reporter is not None:
                 reporter.write_line(f"microvm image: {message}")
 
-        request = {**image_request(_values(config)), "packages": packages, "rootfs": rootfs, "arch": arch}
+        try:
+            request = {**image_request(_values(config), kernel), "packages": packages, "rootfs": rootfs, "arch": arch}
+        except OptionError as exc:
+            raise pytest.UsageError(f"microvm: {exc}") from None
         images[key] = build_image(**request, progress=progress)
     return images[key]
 
 
 @pytest.fixture(scope="session")
-def microvm_image(pytestconfig: pytest.Config) -> GuestImage:
-    """The guest image, built once per session (cached across sessions, locked across workers)."""
+def microvm_image(pytestconfig: pytest.Config, microvm_kernel: str | None) -> GuestImage:
+    """The guest image, built once per session and kernel (cached across sessions, locked across workers)."""
     return _image(
         pytestconfig,
         _setting(pytestconfig, "packages") or (),
         _setting(pytestconfig, "rootfs"),
         _base_config(pytestconfig).arch,
+        microvm_kernel,
     )
 
 
 @pytest.fixture
-def microvm_config(request: pytest.FixtureRequest, microvm_image: GuestImage) -> VMConfig:
+def microvm_config(request: pytest.FixtureRequest, microvm_image: GuestImage, microvm_kernel: str | None) -> VMConfig:
     """The VM configuration for this test: options and ini keys, then the marker, then hooks."""
     from pytest_microvm.errors import ConfigError
     from pytest_microvm.machine import VMConfig
@@ -238,21 +309,22 @@ def microvm_config(request: pytest.FixtureRequest, microvm_image: GuestImage) ->
         if marker.args:
             raise pytest.UsageError("@pytest.mark.microvm takes keyword arguments only (VMConfig fields)")
         fields = {f.name for f in dataclasses.fields(VMConfig)}
-        unknown = set(marker.kwargs) - fields
+        changes = {k: v for k, v in marker.kwargs.items() if k != "kernels"}  # pytest_generate_tests's
+        unknown = set(changes) - fields
         if unknown:
             raise pytest.UsageError(
-                f"@pytest.mark.microvm: unknown field(s) {sorted(unknown)}; known: {sorted(fields)}"
+                f"@pytest.mark.microvm: unknown field(s) {sorted(unknown)}; known: {sorted(fields)} and kernels"
             )
         try:
-            cfg = _changed(request.config, cfg, marker.kwargs)
+            cfg = _changed(request.config, cfg, changes, microvm_kernel)
         except ConfigError as exc:
             raise pytest.UsageError(f"@pytest.mark.microvm: {exc}") from None
     hooked = request.config.hook.pytest_microvm_config(config=cfg, request=request)
     return hooked if hooked is not None else cfg
 
 
-def _changed(config: pytest.Config, cfg: VMConfig, changes: dict[str, Any]) -> VMConfig:
-    """``cfg`` with the marker's or factory's changes; a new root comes with its image."""
+def _changed(config: pytest.Config, cfg: VMConfig, changes: dict[str, Any], kernel: str | None) -> VMConfig:
+    """``cfg`` with the marker's or factory's changes; a new root comes with its image (on ``kernel``)."""
     changes = dict(changes)
     # A root asked for here replaces the session's: packages= drops a session rootfs and back.
     if "packages" in changes and "rootfs" not in changes:
@@ -261,7 +333,7 @@ def _changed(config: pytest.Config, cfg: VMConfig, changes: dict[str, Any]) -> V
         changes["packages"] = ()
     cfg = cfg.with_(**changes)
     if ("packages" in changes or "rootfs" in changes or "arch" in changes) and "image" not in changes:
-        cfg = cfg.with_(image=_image(config, cfg.packages, cfg.rootfs, cfg.arch))
+        cfg = cfg.with_(image=_image(config, cfg.packages, cfg.rootfs, cfg.arch, kernel))
     return cfg
 
 
@@ -311,12 +383,14 @@ def microvm(request: pytest.FixtureRequest, microvm_config: VMConfig) -> Iterato
 
 
 @pytest.fixture
-def microvm_factory(request: pytest.FixtureRequest, microvm_config: VMConfig) -> Iterator[Callable[..., MicroVM]]:
+def microvm_factory(
+    request: pytest.FixtureRequest, microvm_config: VMConfig, microvm_kernel: str | None
+) -> Iterator[Callable[..., MicroVM]]:
     """Boot VMs on demand: ``microvm_factory(memory_mib=512)``; all stopped after the test."""
     vms: list[MicroVM] = []
 
     def make(**overrides: Any) -> MicroVM:
-        vm = _boot(request, _changed(request.config, microvm_config, overrides), f"vm{len(vms)}")
+        vm = _boot(request, _changed(request.config, microvm_config, overrides, microvm_kernel), f"vm{len(vms)}")
         vms.append(vm)
         return vm
 

@@ -280,7 +280,9 @@ def build_image(
 ) -> GuestImage:
     """Build (or find in the cache) the guest image and return it.
 
-    ``kernel``: ``"debian"`` (the default: Debian's linux-image-amd64, or -arm64), ``"source"`` (a
+    ``kernel``: ``"debian"`` (the default: Debian's linux-image-amd64, or -arm64),
+    ``"debian:VERSION"`` (the package linux-image-VERSION-amd64 or -arm64 of the host's apt
+    sources, e.g. ``"debian:6.12"``, ``"debian:6.1.0-44"``), ``"source"`` (a
     small kernel built from Debian's linux-source with ``guest-image/kernel/microvm.config``:
     boots in about half the time, built once in a few minutes), or the path of a bzImage,
     vmlinux or kernel .deb (write ``./source`` for a file named ``source``).
@@ -327,6 +329,10 @@ def build_image(
     apt = Apt(guest, root)
     if kernel is None or kernel == "debian":
         kfiles: KernelFiles = debian_kernel(root, progress, apt)
+    elif isinstance(kernel, str) and kernel.startswith("debian:"):
+        if modules:
+            raise ImageError(f"kernel {kernel} is a Debian package, which brings its own modules: drop --modules")
+        kfiles = debian_kernel(root, progress, apt, name=kernel.removeprefix("debian:"))
     elif kernel == "source":
         if modules:
             raise ImageError("the kernel built from source has its drivers built in: it takes no module tree")

@@ -272,14 +272,39 @@ def resolve_package(
     return str(real), str(version)
 
 
-def debian_kernel(cache: Path, progress: Progress, apt: Apt | None = None) -> KernelFiles:
-    """Debian's kernel package of ``apt``'s architecture, downloaded and unpacked into the
-    cache once per version."""
+def apt_kernel_package(version: str, arch: arches.Arch) -> str:
+    """The package ``debian:VERSION`` names: ``linux-image-VERSION-amd64`` (or -arm64)."""
+    return f"linux-image-{version}-{arch.debian}"
+
+
+def offered_kernels(apt: Apt) -> list[str]:
+    """The VERSIONs ``debian:VERSION`` can name: the host's apt sources' linux-image-VERSION-<arch>
+    packages (signed or not; debug symbols are not kernels)."""
+    out = run_tool(["apt-cache", *apt.options(), "pkgnames", "linux-image-"], "listing the kernel packages")
+    suffix = f"-{apt.arch.debian}"
+    names = {n[len("linux-image-") : -len(suffix)] for n in out.split() if n.endswith(suffix)}
+    names.discard("")  # linux-image-amd64 itself: plain `debian`
+    return sorted(names, key=lambda v: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", v)])
+
+
+def debian_kernel(cache: Path, progress: Progress, apt: Apt | None = None, name: str | None = None) -> KernelFiles:
+    """Debian's kernel package of ``apt``'s architecture (``name``: the VERSION ``debian:VERSION``
+    names, else the default metapackage's), downloaded and unpacked into the cache once per version."""
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise ImageError("no apt-get/dpkg-deb on this host to fetch Debian's kernel: pass a kernel with --kernel PATH")
     apt = apt or host_apt(cache)
     apt.ensure_lists(progress)
-    real, version = resolve_package(cache, apt.arch.kernel_package, apt=apt)
+    package = apt.arch.kernel_package if name is None else apt_kernel_package(name, apt.arch)
+    try:
+        real, version = resolve_package(cache, package, apt=apt)
+    except ImageError:
+        if name is None:
+            raise
+        offered = offered_kernels(apt)
+        raise ImageError(
+            f"kernel debian:{name}: the host's apt sources have no {package}; they offer debian:VERSION for "
+            f"VERSION in: {', '.join(offered) or 'none'}"
+        ) from None
     key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + "-" + _modules_key()
 
     def build(dest: Path) -> None:
@@ -325,14 +350,17 @@ def describe_kernel(kernel: str | None, cache: Path, arch: arches.Arch | None = 
             return f"built from source: unknown ({exc})"
         cross = "" if apt.native else f", cross-built for {apt.arch.name}"
         return f"built from Debian's {real} {version} with microvm.config{cross}"
-    if kernel is not None and kernel != "debian":
+    package = apt.arch.kernel_package
+    if kernel is not None and kernel.startswith("debian:"):
+        package = apt_kernel_package(kernel.removeprefix("debian:"), apt.arch)
+    elif kernel is not None and kernel != "debian":
         return f"{kernel} (given)"
     if not shutil.which("apt-cache"):
         return "none: no apt-cache to find Debian's kernel; pass --microvm-kernel"
     if not apt.has_lists():
-        return f"Debian's {apt.arch.kernel_package} (its package lists are fetched at the first build)"
+        return f"Debian's {package} (its package lists are fetched at the first build)"
     try:
-        real, version = resolve_package(cache, apt.arch.kernel_package, apt=apt)
+        real, version = resolve_package(cache, package, apt=apt)
     except ImageError as exc:
         return f"unknown ({exc})"
     return f"{real.removeprefix('linux-image-')} (Debian {real} {version})"

@@ -17,7 +17,8 @@ def host() -> HostReport:
 
 
 @pytest.fixture(scope="session")
-def session_kernel(pytestconfig: pytest.Config) -> str | None:
-    """The kernel this session's images use (--microvm-kernel / ini), for tests that build
-    images of their own: a run with --microvm-kernel source tests that kernel throughout."""
-    return pytestconfig.getoption("microvm_kernel") or pytestconfig.getini("microvm_kernel") or None
+def session_kernel(microvm_kernel: str | None) -> str | None:
+    """The kernel this test's images use (--microvm-kernel / ini; in a kernel matrix, this
+    test's entry), for tests that build images of their own: a run with --microvm-kernel
+    source tests that kernel throughout."""
+    return microvm_kernel

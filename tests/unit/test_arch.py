@@ -145,7 +145,7 @@ def test_option_table_has_arch() -> None:
         option.convert("mips")
     assert vm_config({"arch": "aarch64"}).arch == "aarch64"
     assert vm_config({}).arch == arches.host_name()
-    assert image_request({"arch": "aarch64"})["arch"] == "aarch64"
+    assert image_request({"arch": "aarch64"}, None)["arch"] == "aarch64"
 
 
 def test_needed_libraries_are_read_from_the_elf_file() -> None:

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,10 +69,54 @@ def test_cli_and_plugin_read_a_value_the_same_way() -> None:
                 option.convert("xen")
     assert options.BY_NAME["packages"].convert("python3, curl") == ("python3", "curl")
     assert options.BY_NAME["shares"].convert(["/a:/x", "/b:/y:ro"]) == ("/a:/x", "/b:/y:ro")  # --share, twice
-    assert options.BY_NAME["kernel"].convert("source") == "source"
+    assert options.BY_NAME["kernel"].convert("source") == ("source",)
     assert options.BY_NAME["cache-dir"].convert("/not/yet/made") == "/not/yet/made"  # a cache is made
     with pytest.raises(OptionError, match="/no/such does not exist"):
         options.BY_NAME["kernel"].convert("/no/such")
+
+
+def test_the_kernel_option_is_a_matrix_in_the_order_given(tmp_path: Path) -> None:
+    bz = tmp_path / "bzImage"
+    bz.write_bytes(b"")
+    kernel = options.BY_NAME["kernel"]
+    # ini files write lists over lines; a kernel named twice runs once.
+    assert kernel.convert(f"source, debian:6.12\n{bz},source") == ("source", "debian:6.12", str(bz))
+    assert kernel.convert("") is None and options.kernel_matrix({}) == (None,)
+    for bad, why in (
+        ("debian:", "write debian:VERSION"),
+        ("debian:../x", "write debian:VERSION"),
+        ("sauce", "sauce does not exist .a kernel is debian or source, debian:VERSION or a file"),
+    ):
+        with pytest.raises(OptionError, match=why):
+            kernel.convert(bad)
+    assert [options.kernel_id(k) for k in (None, "source", "debian:6.12", str(bz))] == [
+        "linux-debian", "linux-source", "linux-debian:6.12", "linux-bzImage",
+    ]  # fmt: skip
+    # Never the vsock path's own id.
+    assert all("kernel" not in options.kernel_id(k) for k in (None, "source", "debian:6.12"))
+
+
+def test_modules_are_given_per_kernel_in_a_matrix(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    modules = options.BY_NAME["modules"]
+    one = {"kernel": ("/k1",), "modules": modules.convert(str(a))}
+    assert options.modules_for(one, "/k1") == str(a)
+    matrix = {"kernel": ("/k1", "/k2", "source"), "modules": modules.convert(f"/k1={a},/k2={b}")}
+    assert [options.modules_for(matrix, k) for k in ("/k1", "/k2", "source")] == [str(a), str(b), None]
+    assert options.image_request(matrix, "/k2")["modules"] == str(b)
+    with pytest.raises(OptionError, match="with several kernels, give each its modules as KERNEL=DIR"):
+        options.modules_for({"kernel": ("/k1", "/k2"), "modules": modules.convert(str(a))}, "/k1")
+    with pytest.raises(OptionError, match="does not exist or is not a directory"):
+        modules.convert(f"/k1={tmp_path / 'missing'}")
+
+
+def test_commands_that_boot_one_vm_take_one_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["run", "--kernel", "debian,source", "--", "true"]) == 2
+    assert "microvm run uses one kernel, not 2 (debian, source)" in capsys.readouterr().err
+    assert cli.main(["image", "check", "--kernel", "debian,source"]) == 2
+    assert "microvm image check uses one kernel" in capsys.readouterr().err
 
 
 def test_the_defaults_make_the_default_vmconfig() -> None:
