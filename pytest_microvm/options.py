@@ -213,6 +213,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("snapshot", "str", "auto: fresh VMs are clones of a snapshot template where possible; off: they boot",
            "auto", ("auto", "off"), cli=(VM,)),
     Option("pool", "int", "clones made ahead in the background, of the configuration used last (0: none)", "1"),
+    Option("workers", "int", "run the xdist workers themselves in N VMs (the host's userland, the rootdir shared "
+           "read-write): every test runs in a guest; replaces -n", "0"),
 )  # fmt: skip
 
 BY_NAME = {o.name: o for o in OPTIONS}

@@ -120,6 +120,7 @@ def _base_config(config: pytest.Config) -> VMConfig:
         raise pytest.UsageError(f"microvm: {exc}") from None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's (trylast), which starts the workers from option.tx
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -130,8 +131,41 @@ def pytest_configure(config: pytest.Config) -> None:
     _base_config(config)  # a bad option or combination fails the run now, before any test
     if (_setting(config, "pool") or 0) < 0:
         raise pytest.UsageError("--microvm-pool: must be 0 or more")
+    _configure_worker_vms(config)
     sigterm = config.stash[_SIGTERM] = SigtermUnwinds()
     sigterm.install()
+
+
+def _configure_worker_vms(config: pytest.Config) -> None:
+    """``--microvm-workers N``: xdist's workers are started by ``microvm run`` in N VMs
+    (:mod:`pytest_microvm.workers`), through xdist's own popen gateways."""
+    n = _setting(config, "workers") or 0
+    if n < 0:
+        raise pytest.UsageError("--microvm-workers: must be 0 or more")
+    if n == 0 or hasattr(config, "workerinput"):
+        return
+    if not config.pluginmanager.hasplugin("xdist"):
+        raise pytest.UsageError("--microvm-workers runs xdist's workers in VMs: install pytest-xdist")
+    if config.getoption("tx", None) or config.getoption("numprocesses", None):
+        raise pytest.UsageError("--microvm-workers N starts N workers of its own: drop -n / --tx")
+    from pytest_microvm import workers
+
+    shares = workers.shared_dirs(config.rootpath, config.invocation_params.dir)
+    try:
+        spec = workers.gateway_spec(workers.worker_command(_values(config), shares))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--microvm-workers: {exc}") from None
+    config.option.tx = [spec] * n
+    if config.getoption("dist", "no") == "no":
+        config.option.dist = "load"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Before xdist starts the worker VMs (its sessionstart is trylast): their image is built
+    # here once, with progress on the terminal, not by N `microvm run`s at once.
+    config = session.config
+    if (_setting(config, "workers") or 0) > 0 and not hasattr(config, "workerinput"):
+        _image(config, (), "host", _base_config(config).arch, kernel_matrix(_values(config))[0])
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -150,7 +184,8 @@ def pytest_configure_node(node: Any) -> None:
     """xdist (controller): learn each worker's pid, so that SIGTERM reaches the workers,
     which hold the VMs, as a Ctrl-C at a terminal does."""
     sigterm = node.config.stash.get(_SIGTERM, None)
-    if sigterm is not None and node.gateway.spec.popen:
+    # Not a popen with a python= command: its os.getpid() may be a guest's (--microvm-workers).
+    if sigterm is not None and node.gateway.spec.popen and not node.gateway.spec.python:
         channel = node.gateway.remote_exec("import os; channel.send(os.getpid())")
         sigterm.workers.add(int(channel.receive(timeout=60)))
         channel.waitclose(timeout=60)
@@ -193,6 +228,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     arch = arches.get(base.arch)
     cache = cache_dir(_setting(config, "cache-dir"))
     kernels = kernel_matrix(_values(config))
+    n_workers = _setting(config, "workers") or 0
     if len(kernels) == 1:
         kernel = describe_kernel(kernels[0], cache, arch)
         lines = [f"microvm: {arch.name} guests; QEMU {host.qemu_version}; kernel {kernel}; {choice.why}"]
@@ -208,6 +244,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         lines.append(f"microvm: fresh VMs are snapshot clones where possible, {_setting(config, 'pool')} made ahead")
     if choice.accel == "tcg":
         lines.append("microvm: WARNING: no usable KVM -- guests run under TCG emulation, several times slower")
+    if n_workers:
+        lines.append(
+            f"microvm: the xdist workers run in {n_workers} VMs (the host's userland; {config.rootpath} shared "
+            "read-write at the same path)"
+        )
     return lines
 
 
@@ -340,6 +381,7 @@ def _changed(config: pytest.Config, cfg: VMConfig, changes: dict[str, Any], kern
 def _start(config: pytest.Config, cfg: VMConfig, name: str, *, pooled: bool = True) -> MicroVM:
     """A started VM: a clone (made ahead when ``pooled``) where possible, else a boot."""
     hook = config.hook
+    _refuse_nested(config, cfg)
 
     def qemu_args(config: VMConfig, argv: list[str]) -> list[str]:
         changed = hook.pytest_microvm_qemu_args(config=config, argv=list(argv))
@@ -359,6 +401,20 @@ def _start(config: pytest.Config, cfg: VMConfig, name: str, *, pooled: bool = Tr
         vm.stop(graceful=False)  # nobody else holds it yet
         raise
     return vm
+
+
+def _refuse_nested(config: pytest.Config, cfg: VMConfig) -> None:
+    """Fail a test that would boot a VM inside a worker VM without KVM, saying what it needs."""
+    from pytest_microvm import workers
+
+    if not workers.in_guest():
+        return
+    from pytest_microvm.machine import detect_host
+
+    accel = "kvm" if detect_host(arch=cfg.arch).kvm.usable else "tcg"
+    why = workers.nested_vm_error(_setting(config, "accel"), accel)
+    if why is not None:
+        pytest.fail(f"microvm: {why}", pytrace=False)
 
 
 def _boot(request: pytest.FixtureRequest, cfg: VMConfig, name: str) -> MicroVM:

@@ -11,6 +11,7 @@ image.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pytest_microvm.errors import ConfigError
@@ -128,9 +129,17 @@ def mount_command(config: VMConfig) -> list[str] | None:
     return argv
 
 
-def default_cwd(image: GuestImage, host_cwd: str) -> str | None:
+def default_cwd(image: GuestImage, host_cwd: str, config: VMConfig | None = None) -> str | None:
     """Where commands start when they name no cwd: in host-userland mode the host's own
-    working directory, when the guest sees the same files there; else the agent's '/'."""
-    if image.root_kind != "host" or is_guest_own(host_cwd):
+    working directory, when the guest sees the same files there (through the host root, or
+    a share of it at the same path: /tmp is the guest's own, unless shared); else '/'."""
+    if image.root_kind != "host":
+        return None
+    shared = config is not None and any(
+        (host_cwd == guest or host_cwd.startswith(guest.rstrip("/") + "/"))
+        and os.path.realpath(share.host) == os.path.realpath(guest)
+        for guest, share in config.share_list()
+    )
+    if is_guest_own(host_cwd) and not shared:
         return None
     return host_cwd

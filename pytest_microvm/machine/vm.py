@@ -172,7 +172,7 @@ class MicroVM:
         if self.choice.accel == "tcg" and cfg.accel == "auto" and cfg.arch not in _warned_tcg:
             _warned_tcg.add(cfg.arch)  # once per process: the pytest header and the CLI say it too
             self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
-        self.default_cwd = storage.default_cwd(image, os.getcwd())
+        self.default_cwd = storage.default_cwd(image, os.getcwd(), self.config)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
         self._sockdir = _socket_dir(self.workdir)
         self.monitor = Monitor(self._sockdir / "qmp.sock")

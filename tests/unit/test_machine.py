@@ -241,3 +241,25 @@ def test_the_userspace_agent_listens_on_the_asked_port(tmp_path: Path) -> None:
     listener, port_arg = UserspaceVsock(tmp_path).listen_agent(1024)
     with listener:
         assert (listener.port, port_arg) == (1024, "1024")  # each VM has ports of its own
+
+
+def test_host_mode_starts_in_the_hosts_cwd_when_the_guest_sees_it_there(tmp_path: Path) -> None:
+    import dataclasses
+
+    from pytest_microvm.image import GuestImage
+    from pytest_microvm.machine import storage
+
+    image = GuestImage.__new__(GuestImage)
+    fields = {f.name: None for f in dataclasses.fields(GuestImage)}
+    for name, value in {**fields, "root_kind": "host"}.items():
+        object.__setattr__(image, name, value)
+    plain = VMConfig()
+    assert storage.default_cwd(image, "/work/repo", plain) == "/work/repo"  # through the host root
+    assert storage.default_cwd(image, "/tmp/repo", plain) is None  # /tmp is the guest's own tmpfs
+    # ... unless the host's directory is shared there, at the same path (--microvm-workers does).
+    shared = VMConfig(shares={str(tmp_path): tmp_path})
+    assert storage.default_cwd(image, str(tmp_path / "sub"), shared) == str(tmp_path / "sub")
+    elsewhere = VMConfig(shares={str(tmp_path): tmp_path.parent})  # another host directory: not the same files
+    assert storage.default_cwd(image, str(tmp_path), elsewhere) is None
+    object.__setattr__(image, "root_kind", "initramfs")
+    assert storage.default_cwd(image, "/work/repo", plain) is None

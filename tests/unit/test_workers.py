@@ -1,0 +1,63 @@
+"""The worker-VM command and checks of --microvm-workers, without booting (the integration
+test boots real worker VMs)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pytest_microvm import workers
+from pytest_microvm.options import BY_NAME
+
+
+def test_in_guest_reads_the_kernel_command_line(tmp_path: Path) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 microvm.token=abc microvm.root=9p:hostroot\n")
+    assert workers.in_guest(cmdline)
+    cmdline.write_text("BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro quiet\n")
+    assert not workers.in_guest(cmdline)
+    assert not workers.in_guest(tmp_path / "missing")
+
+
+def test_the_rootdir_and_an_outside_invocation_dir_are_shared(tmp_path: Path) -> None:
+    root, sub, other = tmp_path / "repo", tmp_path / "repo" / "tests", tmp_path / "elsewhere"
+    for d in (sub, other):
+        d.mkdir(parents=True)
+    assert workers.shared_dirs(root, sub) == [root]
+    assert workers.shared_dirs(root, other) == [root, other]
+
+
+def test_the_worker_command_is_microvm_run_of_this_python_with_the_runs_options(tmp_path: Path) -> None:
+    values = {
+        "accel": "tcg",
+        "vsock": "userspace",
+        "kernel": BY_NAME["kernel"].convert("source,debian"),
+        "memory": 256,
+        "cache-dir": "/c",
+    }
+    argv = workers.worker_command(values, [tmp_path], python="/venv/bin/python")
+    assert argv[:5] == ["/venv/bin/python", "-m", "pytest_microvm.cli", "run", "--rootfs"]
+    assert argv[-2:] == ["--", "/venv/bin/python"]  # execnet appends -u -c <bootstrap>
+    pairs = dict(zip(argv[4:-2:2], argv[5:-2:2], strict=True))
+    assert pairs["--rootfs"] == "host"
+    assert pairs["--memory"] == str(workers.WORKER_MEMORY_MIB)  # a worker needs more than a command
+    assert (pairs["--accel"], pairs["--vsock"], pairs["--cache-dir"]) == ("tcg", "userspace", "/c")
+    assert pairs["--kernel"] == "source"  # the first of a matrix: the workers' own kernel
+    assert pairs["--share"] == f"{tmp_path}:{tmp_path}"
+    spec = workers.gateway_spec(argv)
+    assert spec.startswith("popen//python=") and shlex.split(spec.removeprefix("popen//python=")) == argv
+    with pytest.raises(ValueError, match="cannot contain '//'"):
+        workers.gateway_spec(["/x//y"])
+
+
+def test_a_vm_inside_a_worker_vm_needs_kvm_or_an_explicit_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "in_guest", lambda *a: True)
+    message = workers.nested_vm_error(None, "tcg")
+    assert message is not None and "--microvm-accel tcg" in message and "nested KVM" in message
+    assert workers.nested_vm_error("auto", "tcg") is not None
+    assert workers.nested_vm_error("tcg", "tcg") is None  # asked for: nested TCG
+    assert workers.nested_vm_error(None, "kvm") is None  # nested KVM in the worker VM
+    monkeypatch.setattr(workers, "in_guest", lambda *a: False)
+    assert workers.nested_vm_error(None, "tcg") is None  # on the host: TCG as ever
