@@ -42,6 +42,7 @@ from pytest_microvm.options import (
     image_request,
     kernel_id,
     kernel_matrix,
+    modules_for,
     plugin_options,
     vm_config,
 )
@@ -165,7 +166,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # here once, with progress on the terminal, not by N `microvm run`s at once.
     config = session.config
     if (_setting(config, "workers") or 0) > 0 and not hasattr(config, "workerinput"):
-        _image(config, (), "host", _base_config(config).arch, kernel_matrix(_values(config))[0])
+        from pytest_microvm.image import build_image
+
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        kernel = kernel_matrix(_values(config))[0]
+        build_image(  # what workers.worker_command's `microvm run` asks for
+            kernel=kernel,
+            modules=modules_for(_values(config), kernel),
+            rootfs="host",
+            cache=_setting(config, "cache-dir"),
+            progress=lambda m: reporter.write_line(f"microvm image: {m}") if reporter is not None else None,
+        )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

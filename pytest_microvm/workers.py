@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_microvm.options import kernel_matrix
+from pytest_microvm.options import kernel_matrix, modules_for
 
 # A worker runs pytest and the test code: more than a command needs (256 MiB by default).
 WORKER_MEMORY_MIB = 1024
@@ -62,6 +62,9 @@ def worker_command(values: Mapping[str, Any], shares: Sequence[Path], python: st
     kernel = kernel_matrix(values)[0]
     if kernel is not None:
         argv += ["--kernel", kernel]
+    modules = modules_for(values, kernel)
+    if modules is not None:
+        argv += ["--modules", modules]
     for path in shares:
         argv += ["--share", f"{path}:{path}"]
     return [*argv, "--", python]
