@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from pytest_microvm.errors import ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 HEADER = struct.Struct(">IHHI")  # length, type, flags, id
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 20
+MAX_USER = 255  # EXEC's user field, bytes
 MAX_CHUNK = 64 * 1024  # largest STDOUT/STDERR chunk the agent sends
 MAX_ARGS = 4096
 MAX_JOBS = 64
@@ -157,8 +158,10 @@ def encode_exec(
     stdin_pipe: bool = False,
     pty: tuple[int, int] | None = None,
     timeout_ms: int = 0,
+    user: str = "",
 ) -> bytes:
-    """EXEC; ``pty=(rows, cols)``: on a new terminal of that size, set before the command starts."""
+    """EXEC; ``pty=(rows, cols)``: on a new terminal of that size, set before the command starts;
+    ``user``: ``NAME``, ``UID``, ``NAME:GROUP`` or ``UID:GID`` (empty: the agent's own)."""
     if not argv:
         raise ValueError("argv must not be empty")
     if pty is not None and not stdin_pipe:
@@ -166,12 +169,26 @@ def encode_exec(
     if not 0 <= timeout_ms <= 0xFFFFFFFF:
         raise ValueError(f"timeout_ms out of range: {timeout_ms}")
     flags = (EXEC_STDIN_PIPE if stdin_pipe else 0) | (EXEC_PTY if pty is not None else 0)
+    check_user(user)
     payload = (
-        struct.pack(">II", flags, timeout_ms) + _c_str(cwd, "cwd") + _strv(list(argv), "argv") + _strv(list(env), "env")
+        struct.pack(">II", flags, timeout_ms)
+        + _c_str(cwd, "cwd")
+        + _strv(list(argv), "argv")
+        + _strv(list(env), "env")
+        + _c_str(user, "user")
     )
     if pty is not None:
         payload += _winsize(*pty)
     return frame(FrameType.EXEC, fid, payload)
+
+
+def check_user(user: str) -> None:
+    """ValueError unless ``user`` is empty or ``NAME``/``UID`` with an optional ``:GROUP``."""
+    if not user:
+        return
+    name, sep, group = user.partition(":")
+    if not name or (sep and not group) or ":" in group or "\0" in user or len(user.encode()) > MAX_USER:
+        raise ValueError(f"user {user!r}: write NAME, UID, NAME:GROUP or UID:GID (at most {MAX_USER} bytes, no NUL)")
 
 
 def encode_clone(realtime_ns: int, token: str, entropy: bytes) -> bytes:

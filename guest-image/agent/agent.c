@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <grp.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
@@ -40,15 +41,17 @@
 #include <linux/vm_sockets.h>
 
 #ifndef AGENT_VERSION
-#define AGENT_VERSION "0.1.0"
+#define AGENT_VERSION "0.2.0"
 #endif
-#define PROTO_VERSION 3
+#define PROTO_VERSION 4
 
 #define HDR 12u
 #define MAX_PAYLOAD (1u << 20)
 #define CHUNK (64u * 1024)
 #define MAX_JOBS 64
 #define MAX_ARGS 4096
+#define MAX_USER 255   /* EXEC's user field */
+#define MAX_GROUPS 64  /* supplementary groups of a user; more are not kept */
 #define OUTPUT_WINDOW (256u * 1024)
 #define STDIN_WINDOW (256u * 1024)
 /* Job output is read only while the output buffer is below OUT_HIGH; control frames
@@ -423,9 +426,122 @@ static void cur_end(struct cursor *c)
 
 /* ---- starting jobs ---------------------------------------------------------- */
 
-static char **build_env(char **extra, uint32_t n)
+/* An EXEC's user, resolved in the guest's /etc/passwd and /etc/group before the vfork
+ * (the child only makes system calls). */
+struct ident {
+	int set;
+	uid_t uid;
+	gid_t gid;
+	int ngroups;
+	gid_t groups[MAX_GROUPS];
+	char home[512]; /* "HOME=..." */
+};
+
+static int parse_id(const char *s, unsigned long *out)
 {
-	static const char *base[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root" };
+	char *end;
+	if (!*s || *s < '0' || *s > '9')
+		return 0;
+	errno = 0;
+	*out = strtoul(s, &end, 10);
+	return !*end && !errno && *out <= 0xfffffffeul;
+}
+
+/* The fields of the colon-separated line of `file` whose field `key` (0: name, 2: id)
+ * equals `want`; 0 if there is none. The line is kept in `line`. */
+static int find_entry(const char *file, int key, const char *want, char *line, size_t size, char *f[], int nf)
+{
+	FILE *fp = fopen(file, "re");
+	int found = 0;
+	if (!fp)
+		return 0;
+	while (!found && fgets(line, (int)size, fp)) {
+		line[strcspn(line, "\n")] = 0;
+		int n = 0;
+		for (char *p = line, *q; n < nf; p = q + 1) {
+			f[n++] = p;
+			q = strchrnul(p, ':');
+			if (!*q)
+				break;
+			*q = 0;
+		}
+		found = n == nf && !strcmp(f[key], want);
+	}
+	fclose(fp);
+	return found;
+}
+
+/* "NAME", "UID", "NAME:GROUP" or "UID:GID" as runc reads them. Returns 0, or an errno
+ * with `why` saying what was not found. */
+static int resolve_user(const char *spec, struct ident *id, char *why, size_t wsize)
+{
+	char user[MAX_USER + 1], line[1024], *f[7], *grp;
+	unsigned long n;
+	snprintf(user, sizeof user, "%s", spec);
+	grp = strchr(user, ':');
+	if (grp)
+		*grp++ = 0;
+	memset(id, 0, sizeof *id);
+	id->set = 1;
+	snprintf(id->home, sizeof id->home, "HOME=/");
+	const char *name = NULL;
+	if (parse_id(user, &n)) {
+		id->uid = (uid_t)n;
+		if (find_entry("/etc/passwd", 2, user, line, sizeof line, f, 7)) {
+			name = f[0];
+			id->gid = (gid_t)strtoul(f[3], NULL, 10);
+			snprintf(id->home, sizeof id->home, "HOME=%s", f[5]);
+		}
+	} else if (find_entry("/etc/passwd", 0, user, line, sizeof line, f, 7) && parse_id(f[2], &n)) {
+		name = user;
+		id->uid = (uid_t)n;
+		id->gid = (gid_t)strtoul(f[3], NULL, 10);
+		snprintf(id->home, sizeof id->home, "HOME=%s", f[5]);
+	} else {
+		snprintf(why, wsize, "user %s: no such user in /etc/passwd", user);
+		return ENOENT;
+	}
+	char who[MAX_USER + 1];
+	snprintf(who, sizeof who, "%s", name ? name : "");
+	if (grp) {
+		char gline[4096], *g[4];
+		if (parse_id(grp, &n))
+			id->gid = (gid_t)n;
+		else if (find_entry("/etc/group", 0, grp, gline, sizeof gline, g, 4) && parse_id(g[2], &n))
+			id->gid = (gid_t)n;
+		else {
+			snprintf(why, wsize, "user %s: group %s: no such group in /etc/group", spec, grp);
+			return ENOENT;
+		}
+	}
+	id->groups[id->ngroups++] = id->gid;
+	FILE *fp = who[0] ? fopen("/etc/group", "re") : NULL;
+	char gl[4096];
+	while (fp && fgets(gl, sizeof gl, fp) && id->ngroups < MAX_GROUPS) {
+		gl[strcspn(gl, "\n")] = 0;
+		char *g[4] = { 0 }, *p = gl;
+		for (int k = 0; k < 4 && p; k++) {
+			g[k] = p;
+			p = strchr(p, ':');
+			if (p)
+				*p++ = 0;
+		}
+		if (!g[3] || !parse_id(g[2], &n) || (gid_t)n == id->gid)
+			continue;
+		for (char *m = strtok(g[3], ","); m; m = strtok(NULL, ","))
+			if (!strcmp(m, who)) {
+				id->groups[id->ngroups++] = (gid_t)n;
+				break;
+			}
+	}
+	if (fp)
+		fclose(fp);
+	return 0;
+}
+
+static char **build_env(char **extra, uint32_t n, const char *home)
+{
+	const char *base[] = { "PATH=/usr/sbin:/usr/bin:/sbin:/bin", home ? home : "HOME=/root" };
 	char **env = calloc(n + 3, sizeof *env);
 	size_t k = 0;
 	if (!env)
@@ -492,9 +608,10 @@ static int find_program(const char *argv0, char *const env[], const char *cwd, c
  * controlling terminal. Returns 0 or the errno of what failed (a missing program, a
  * bad cwd, ...). */
 static int spawn(pid_t *pid, char *const argv[], char *const env[], const char *cwd, const char *tty,
-    int in, int out, int err)
+    int in, int out, int err, const struct ident *id, const char **step)
 {
 	static volatile int child_errno; /* written by the child, read once it has gone */
+	static const char *volatile child_step; /* what failed in it (NULL: the exec) */
 	char path[4096];
 	int rc = find_program(argv[0], env, cwd, path, sizeof path);
 	if (rc)
@@ -502,6 +619,7 @@ static int spawn(pid_t *pid, char *const argv[], char *const env[], const char *
 	sigset_t none;
 	sigemptyset(&none);
 	child_errno = 0;
+	child_step = NULL;
 	pid_t p = vfork();
 	if (p == 0) {
 		signal(SIGPIPE, SIG_DFL); /* the only signal the agent ignores (main() resets the rest) */
@@ -510,8 +628,19 @@ static int spawn(pid_t *pid, char *const argv[], char *const env[], const char *
 		/* O_CLOEXEC: only the copy made as fd 0 reaches the command (main() keeps 0-2
 		 * open, so nothing opened here can already be 0). */
 		int fd0 = tty ? open(tty, O_RDWR | O_CLOEXEC) : in >= 0 ? in : open("/dev/null", O_RDONLY | O_CLOEXEC);
-		if (fd0 >= 0 && dup2(fd0, 0) >= 0 && dup2(out, 1) >= 0 && dup2(err, 2) >= 0 && chdir(cwd) == 0)
-			execve(path, argv, env);
+		if (fd0 >= 0 && dup2(fd0, 0) >= 0 && dup2(out, 1) >= 0 && dup2(err, 2) >= 0) {
+			/* The user first, then the cwd: the directory is checked with the user's rights. */
+			if (id->set && setgroups((size_t)id->ngroups, id->groups) < 0)
+				child_step = "setgroups";
+			else if (id->set && setgid(id->gid) < 0)
+				child_step = "setgid";
+			else if (id->set && setuid(id->uid) < 0)
+				child_step = "setuid";
+			else if (chdir(cwd) < 0)
+				child_step = "chdir";
+			else
+				execve(path, argv, env);
+		}
 		child_errno = errno;
 		_exit(127);
 	}
@@ -520,6 +649,7 @@ static int spawn(pid_t *pid, char *const argv[], char *const env[], const char *
 	if (child_errno) { /* it never ran the command: reap it here, not as a job */
 		while (waitpid(p, NULL, 0) < 0 && errno == EINTR)
 			;
+		*step = child_step;
 		return child_errno;
 	}
 	*pid = p;
@@ -536,17 +666,33 @@ static void start_exec(uint32_t id, struct cursor *c)
 	char *cwd = cur_str(c);
 	char **argv = cur_strv(c, &argc);
 	char **envv = argv ? cur_strv(c, &envc) : NULL;
+	char *user = envv ? cur_str(c) : NULL;
 	uint32_t size = (flags & EXEC_PTY) ? cur_u32(c) : 0; /* u16 rows, u16 cols */
 	cur_end(c);
 	if (!c->err && argc == 0)
 		c->err = "EXEC without argv";
+	if (!c->err && user && strlen(user) > MAX_USER)
+		c->err = "EXEC user too long";
 	if (c->err)
 		goto out;
 
 	struct job *j = job_new(id, K_EXEC);
 	if (!j)
 		goto out;
-	char **env = build_env(envv, envc);
+	struct ident ident = { 0 };
+	if (user[0]) {
+		char why[2 * MAX_USER + 64];
+		int e = resolve_user(user, &ident, why, sizeof why);
+		if (e) {
+			send_error(j->id, (uint32_t)e, "%s", why);
+			job_free(j);
+			goto out;
+		}
+	}
+	int has_home = 0;
+	for (uint32_t i = 0; i < envc; i++)
+		has_home |= !strncmp(envv[i], "HOME=", 5);
+	char **env = build_env(envv, envc, ident.set && !has_home ? ident.home : NULL);
 	int in[2] = { -1, -1 }, out[2] = { -1, -1 }, err[2] = { -1, -1 };
 	int master = -1;
 	char pts[64] = "";
@@ -597,7 +743,9 @@ static void start_exec(uint32_t id, struct cursor *c)
 		goto out;
 	}
 	pid_t pid = -1;
-	int spawn_errno = spawn(&pid, argv, env, cwd[0] ? cwd : "/", pts[0] ? pts : NULL, in[0], out[1], err[1]);
+	const char *step = NULL;
+	const char *dir = cwd[0] ? cwd : "/";
+	int spawn_errno = spawn(&pid, argv, env, dir, pts[0] ? pts : NULL, in[0], out[1], err[1], &ident, &step);
 	free(env);
 	close(out[1]);
 	close(err[1]);
@@ -609,7 +757,14 @@ static void start_exec(uint32_t id, struct cursor *c)
 	j->pty = (flags & EXEC_PTY) != 0;
 	j->in_open = in[1] >= 0;
 	if (spawn_errno) {
-		job_fail(j, spawn_errno, argv[0]);
+		char what[MAX_USER + 4200];
+		if (step && user[0])
+			snprintf(what, sizeof what, "user %s: %s%s%s", user, step, strcmp(step, "chdir") ? "" : " ", strcmp(step, "chdir") ? "" : dir);
+		else if (step)
+			snprintf(what, sizeof what, "%s %s", step, dir);
+		else
+			snprintf(what, sizeof what, "%s", argv[0]);
+		job_fail(j, spawn_errno, what);
 		goto out;
 	}
 	j->pid = pid;
@@ -621,6 +776,7 @@ static void start_exec(uint32_t id, struct cursor *c)
 		j->deadline_ms = now_ms() + timeout;
 out:
 	free(cwd);
+	free(user);
 	free_strv(argv);
 	free_strv(envv);
 }

@@ -97,6 +97,7 @@ class AgentClient:
         stdin: bool = False,
         timeout: float | None = None,
         pty: tuple[int, int] | None = None,
+        user: str | None = None,
     ) -> Process:
         """Start a command and return a handle to stream its input and output.
 
@@ -105,8 +106,10 @@ class AgentClient:
         ``timeout`` (seconds) is enforced by the agent, which kills the process group.
         ``pty=(rows, cols)`` runs it on a new pseudo-terminal of that size (its
         controlling terminal: job control and ^C work; all output arrives as stdout).
+        ``user``: run it as ``NAME``, ``UID``, ``NAME:GROUP`` or ``UID:GID`` of the guest
+        (``docker run --user``; names from the guest's /etc/passwd and /etc/group).
         """
-        return commands.start(self._conn, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, pty=pty)
+        return commands.start(self._conn, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, pty=pty, user=user)
 
     def run(
         self,
@@ -117,14 +120,16 @@ class AgentClient:
         stdin: bytes | None = None,
         timeout: float | None = None,
         check: bool = False,
+        user: str | None = None,
     ) -> CommandResult:
         """Run a command to completion and return its stdout, stderr and exit status.
 
-        ``stdin`` bytes are streamed to the command, then its input is closed.
+        ``stdin`` bytes are streamed to the command, then its input is closed. ``user``: as
+        for :meth:`start`.
         With ``check=True`` a command that does not exit 0 raises :class:`CommandError`.
         Raises :class:`AgentError` if the command cannot be started (e.g. not found).
         """
-        return commands.run(self._conn, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, check=check)
+        return commands.run(self._conn, cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, check=check, user=user)
 
     def probe(self, timeout: float = 30.0) -> float:
         """Run the no-op probe through the whole exec path; return its round-trip time.

@@ -50,19 +50,21 @@ def _start(
     timeout: float | None,
     sink: Sink | None,
     pty: tuple[int, int] | None = None,
+    user: str | None = None,
 ) -> Job:
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
     for key in env or {}:
         if not key or "=" in key:
             raise ValueError(f"invalid environment variable name: {key!r}")
+    p.check_user(user or "")
     env_list = [f"{k}={v}" for k, v in (env or {}).items()]
     timeout_ms = 0 if timeout is None else max(1, math.ceil(timeout * 1000))
     return conn.open_job(
         argv,
         sink,
         lambda fid: p.encode_exec(
-            fid, argv, env=env_list, cwd=cwd or "", stdin_pipe=stdin, pty=pty, timeout_ms=timeout_ms
+            fid, argv, env=env_list, cwd=cwd or "", stdin_pipe=stdin, pty=pty, timeout_ms=timeout_ms, user=user or ""
         ),
     )
 
@@ -96,10 +98,11 @@ def start(
     stdin: bool,
     timeout: float | None,
     pty: tuple[int, int] | None,
+    user: str | None = None,
 ) -> Process:
     """Start a command with its output queued for the returned :class:`Process` to read."""
     argv = _argv(cmd)
-    job = _start(conn, argv, env, cwd, stdin or pty is not None, timeout, sink=None, pty=pty)
+    job = _start(conn, argv, env, cwd, stdin or pty is not None, timeout, sink=None, pty=pty, user=user)
     return Process(conn, job, timeout)
 
 
@@ -112,6 +115,7 @@ def run(
     stdin: bytes | None,
     timeout: float | None,
     check: bool,
+    user: str | None = None,
 ) -> CommandResult:
     """Run a command to completion, collecting its output as it arrives."""
     argv = _argv(cmd)
@@ -120,7 +124,7 @@ def run(
     def collect(ftype: p.FrameType, data: bytes) -> None:
         (out if ftype is p.FrameType.STDOUT else err).extend(data)
 
-    job = _start(conn, argv, env, cwd, stdin is not None, timeout, sink=collect)
+    job = _start(conn, argv, env, cwd, stdin is not None, timeout, sink=collect, user=user)
     try:
         if stdin is not None:
             conn.send_stdin(job, stdin)

@@ -129,6 +129,8 @@ class MicroVM:
         self.forwarded_ports: dict[int, int] = {}  # with config.network: guest TCP port -> 127.0.0.1 port
         # Where commands without a cwd start: the host's cwd in host-userland mode, else "/".
         self.default_cwd: str | None = None
+        # Who commands without a user= run as (None: root); an OCI image's User sets it.
+        self.default_user: str | None = None
 
     @property
     def cloned(self) -> bool:
@@ -413,10 +415,14 @@ class MicroVM:
         stdin: bytes | None = None,
         timeout: float | None = None,
         check: bool = False,
+        user: str | None = None,
     ) -> CommandResult:
         """Run a command in the guest (argv list, or a string for /bin/sh -c); see AgentClient.run."""
         cwd = self.default_cwd if cwd is None else cwd
-        return self._guard(lambda: self.client.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, check=check))
+        user = self.default_user if user is None else user
+        return self._guard(
+            lambda: self.client.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, check=check, user=user)
+        )
 
     def start_process(
         self,
@@ -427,12 +433,16 @@ class MicroVM:
         stdin: bool = False,
         timeout: float | None = None,
         pty: tuple[int, int] | None = None,
+        user: str | None = None,
     ) -> Process:
         """Start a command and stream it (write stdin, read output as it comes, kill, wait).
 
-        ``pty=(rows, cols)`` gives it a terminal (see AgentClient.start)."""
+        ``pty=(rows, cols)`` gives it a terminal, ``user`` another user (see AgentClient.start)."""
         cwd = self.default_cwd if cwd is None else cwd
-        return self._guard(lambda: self.client.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, pty=pty))
+        user = self.default_user if user is None else user
+        return self._guard(
+            lambda: self.client.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, pty=pty, user=user)
+        )
 
     def put_file(self, local: str | os.PathLike[str], remote: str, *, mode: int | None = None) -> None:
         self._guard(lambda: self.client.put_file(local, remote, mode=mode))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_microvm import BootError, GuestError, GuestImage, MicroVM, Runstate, VMConfig
+from pytest_microvm.errors import AgentError
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,28 @@ def test_stdin_env_cwd(vm: MicroVM) -> None:
     assert vm.run(["sha256sum"], stdin=data).stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
     assert vm.run('echo "$A-$B"', env={"A": "1", "B": "two"}).stdout == b"1-two\n"
     assert vm.run(["pwd"], cwd="/tmp").stdout == b"/tmp\n"
+
+
+def test_commands_run_as_a_user_the_guest_just_got(vm: MicroVM) -> None:
+    # The guest's own files, read when the command starts: a user added a moment ago is found.
+    vm.run(
+        "echo 'tester:x:1234:1234::/home/tester:/bin/sh' >> /etc/passwd && echo 'tester:x:1234:' >> /etc/group"
+        " && echo 'audio:x:63:tester' >> /etc/group && mkdir -p /home/tester && chown 1234 /home/tester"
+        " && mkdir -p /secret && chmod 700 /secret",
+        check=True,
+    )
+    ids = "id -u; id -g; id -G; echo $HOME; touch /secret/x 2>&1 || echo refused"
+    r = vm.run(ids, user="tester", check=True)
+    assert r.stdout.decode().splitlines()[:4] == ["1234", "1234", "1234 63", "/home/tester"]
+    assert r.stdout.decode().splitlines()[-1] == "refused"
+    with pytest.raises(AgentError, match="user ghost: no such user in /etc/passwd"):
+        vm.run("true", user="ghost")
+    vm.default_user = "tester"  # what an OCI image's User sets: every command without user=
+    try:
+        assert vm.run("id -u").stdout == b"1234\n"
+        assert vm.run("id -u", user="root").stdout == b"0\n"
+    finally:
+        vm.default_user = None
 
 
 def test_ten_mib_of_output(vm: MicroVM) -> None:

@@ -153,7 +153,23 @@ def test_client_survives_arbitrary_bytes_from_the_agent(chunks: list[bytes], str
         (p.frame(p.FrameType.STDOUT, 1, b"x"), "misdirected"),
         (p.frame(p.FrameType.EXEC, 1, b"\0\0\0\0"), "too short"),
         (p.encode_exec(1, ["true"]) + b"", None),  # valid: no error expected
-        (p.frame(p.FrameType.EXEC, 1, struct.pack(">IIIII", 0, 0, 0, 0, 0)), "without argv"),
+        (p.frame(p.FrameType.EXEC, 1, struct.pack(">IIIIII", 0, 0, 0, 0, 0, 0)), "without argv"),
+        # The user field (protocol 4): missing, too long, or with a NUL.
+        (p.frame(p.FrameType.EXEC, 1, struct.pack(">IIIII", 0, 0, 0, 1, 4) + b"true" + b"\0" * 4), "too short"),
+        (
+            p.frame(
+                p.FrameType.EXEC,
+                1,
+                struct.pack(">IIIII", 0, 0, 0, 1, 4) + b"true" + struct.pack(">II", 0, 256) + b"u" * 256,
+            ),
+            "user too long",
+        ),
+        (
+            p.frame(
+                p.FrameType.EXEC, 1, struct.pack(">IIIII", 0, 0, 0, 1, 4) + b"true" + struct.pack(">II", 0, 3) + b"a\0b"
+            ),
+            "NUL",
+        ),
         (p.frame(p.FrameType.EXEC, 1, struct.pack(">III", 0, 0, 3) + b"a\0b" + b"\0" * 8), "NUL"),
         (p.frame(p.FrameType.EXEC, 1, struct.pack(">III", 0, 0, 0) + b"\xff\xff\xff\xff"), "over the limit"),
         (p.frame(p.FrameType.EXEC, 1, struct.pack(">IIIII", 8, 0, 0, 1, 4) + b"true" + b"\0" * 4), "exec flag"),

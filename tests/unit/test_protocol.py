@@ -43,15 +43,23 @@ def test_exec_encoding_matches_the_spec() -> None:
     assert struct.unpack_from(">II", payload) == (p.EXEC_STDIN_PIPE, 1500)
     assert payload[8:] == (
         b"\x00\x00\x00\x04/tmp" + b"\x00\x00\x00\x02" + b"\x00\x00\x00\x02ls" + b"\x00\x00\x00\x02-l"
-        b"\x00\x00\x00\x01" + b"\x00\x00\x00\x03A=1"
+        b"\x00\x00\x00\x01" + b"\x00\x00\x00\x03A=1" + b"\x00\x00\x00\x00"  # user: empty, the agent's own
     )
+    with_user = p.encode_exec(5, ["id"], user="nobody:nogroup")[12:]
+    assert with_user.endswith(b"\x00\x00\x00\x00" + b"\x00\x00\x00\x0enobody:nogroup")  # after the (empty) env
+
+
+@pytest.mark.parametrize("user", [":", "a:", ":g", "a:b:c", "a\0b", "u" * 256])
+def test_a_malformed_user_is_refused_before_sending(user: str) -> None:
+    with pytest.raises(ValueError, match="write NAME, UID, NAME:GROUP or UID:GID"):
+        p.encode_exec(1, ["id"], user=user)
 
 
 def test_exec_on_a_terminal_carries_its_size() -> None:
     data = p.encode_exec(5, ["sh"], stdin_pipe=True, pty=(33, 101))
     payload = data[12:]
     assert struct.unpack_from(">I", payload) == (p.EXEC_STDIN_PIPE | p.EXEC_PTY,)
-    assert payload.endswith(b"\x00\x00\x00\x00" + struct.pack(">HH", 33, 101))  # no env, then rows and cols
+    assert payload.endswith(b"\x00\x00\x00\x00" * 2 + struct.pack(">HH", 33, 101))  # no env, no user, rows, cols
     assert len(payload) == len(p.encode_exec(5, ["sh"], stdin_pipe=True)[12:]) + 4
     with pytest.raises(ValueError, match="out of range"):
         p.encode_exec(5, ["sh"], stdin_pipe=True, pty=(70000, 80))
