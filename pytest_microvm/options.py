@@ -30,6 +30,7 @@ KERNEL_HELP = (
     "debian:6.12.48+deb12, debian:cloud), source (a small kernel built once from Debian's linux-source: boots "
     "in about half the time), or a bzImage, vmlinux or kernel .deb"
 )
+CONTAINER_PREFIXES = ("oci:", "docker-archive:")  # image.oci's; the option table imports nothing heavy
 MATRIX_HELP = "; several, comma-separated, run every VM test once on each (the kernel matrix)"
 
 # Where the CLI takes an option: "vm" (run, shell), "image" (image build, image check), "doctor".
@@ -115,6 +116,11 @@ class Option:
         except ValueError:
             raise OptionError(f"{value!r} is not a number") from None
         if self.kind == "rootfs" and value == "host":
+            return value
+        if self.kind == "rootfs" and value.startswith(CONTAINER_PREFIXES):
+            path = value.split(":", 2)[1]  # oci:DIR[:TAG], docker-archive:FILE
+            if not path or not os.path.exists(path):
+                raise OptionError(f"{value}: {path or 'the path'} does not exist")
             return value
         if self.kind in ("path", "rootfs") and not os.path.exists(value):
             raise OptionError(f"{value} does not exist")
@@ -202,8 +208,9 @@ OPTIONS: tuple[Option, ...] = (
            cli=(VM, IMAGE), metavar="A,B", template_key=True),
     Option("packages", "list", "distro packages for the guest's root, comma-separated, from the host's apt",
            cli=(VM, IMAGE), metavar="A,B", template_key=True),
-    Option("rootfs", "rootfs", "the guest's root instead: a directory, a tar, or host (the host's / over 9p)",
-           cli=(VM, IMAGE), metavar="DIR|TAR|host", template_key=True),
+    Option("rootfs", "rootfs", "the guest's root instead: a directory, a tar, a container image (oci:DIR[:TAG], "
+           "docker-archive:FILE), or host (the host's / over 9p)",
+           cli=(VM, IMAGE), metavar="DIR|TAR|oci:DIR[:TAG]|docker-archive:FILE|host", template_key=True),
     # Only how many shares is in a template's key: their host paths live in QEMU's fsdev.
     Option("shares", "list", "host directories in the guest over 9p: HOST:GUEST[:ro] (:ro refuses writes), "
            "comma-separated; on the CLI --share, once for each", cli=(VM,), cli_flag="--share", cli_repeat=True,

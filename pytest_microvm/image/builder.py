@@ -31,6 +31,7 @@ from pytest_microvm.errors import ImageError
 from pytest_microvm.image.apt import Apt
 from pytest_microvm.image.cpio import CpioWriter
 from pytest_microvm.image.kernel_build import source_kernel
+from pytest_microvm.image.oci import ImageDefaults, is_container, normalize
 from pytest_microvm.image.sources import (
     KernelFiles,
     Progress,
@@ -46,7 +47,7 @@ from pytest_microvm.image.sources import (
 log = _logging.logger(__name__)
 
 # Bump when the image layout or what /init expects changes: old cache entries then stop matching.
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "5"  # 5: a container image root and its defaults
 AGENT_CFLAGS = ("-static", "-O2", "-s", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 MANIFEST = "manifest.json"
 KNOWN_FEATURES = frozenset({"ssh"})
@@ -76,6 +77,8 @@ class GuestImage:
     # MODULE_GROUPS the kernel can do (modules listed in /etc/microvm/modules.<group>).
     module_groups: tuple[str, ...] = ()
     arch: str = "x86_64"  # the guest's architecture (arch.NAMES): QEMU's command line follows it
+    # A container image root's Env, WorkingDir and User: the defaults of commands (docker run's).
+    defaults: ImageDefaults | None = None
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
@@ -97,6 +100,7 @@ class GuestImage:
             rootfs=data.get("rootfs"),
             module_groups=tuple(data.get("module_groups", ())),
             arch=data.get("arch", "x86_64"),
+            defaults=ImageDefaults.from_json(data["defaults"]) if data.get("defaults") else None,
         )
 
 
@@ -264,6 +268,8 @@ def root_request(
     if rootfs is None or os.fspath(rootfs) == "":
         return names, None
     path = os.fspath(rootfs)
+    if is_container(path):
+        return names, normalize(path)
     return names, path if path == HOST_ROOT else os.path.abspath(path)
 
 
@@ -344,6 +350,7 @@ def build_image(
     ssh = ssh_bundle(root, progress, apt) if "ssh" in features else None
     root_tree: Path | None = None
     root_key: str | None = None
+    defaults: ImageDefaults | None = None
     resolved: tuple[str, ...] = ()
     # Imported here: an image without a root of its own never needs them.
     if packages:
@@ -351,6 +358,11 @@ def build_image(
 
         built_root = package_root(packages, root, progress, busybox, apt)
         root_tree, root_key, resolved = built_root.tree, built_root.key, built_root.packages
+    elif rootfs is not None and is_container(rootfs):
+        from pytest_microvm.image.oci import container_root
+
+        image_root = container_root(rootfs, root, progress, guest)
+        root_tree, root_key, defaults = image_root.tree, image_root.key, image_root.defaults
     elif rootfs is not None:
         from pytest_microvm.image.rootfs import user_root
 
@@ -430,6 +442,7 @@ def build_image(
             "rootfs": rootfs,
             "module_groups": sorted(kfiles.groups),
             "arch": guest.name,
+            "defaults": defaults.to_json() if defaults is not None else None,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -195,11 +195,17 @@ def _tar_or_error(path: Path, **kwargs: Any) -> tarfile.TarFile:
 
 
 class _Unpacker:
-    """Writes tar members into ``tree``, refusing everything that could escape it."""
+    """Writes tar members into ``tree``, refusing everything that could escape it.
 
-    def __init__(self, tree: Path, label: Path, default_mtime: int) -> None:
+    ``layered``: the tree is built from image layers (:mod:`.oci`), each applied over the
+    ones before it, where a later layer's entry replaces an earlier one of another kind
+    (a file where a directory was, a directory where a symlink was) instead of being an
+    error, and :meth:`remove` applies whiteouts."""
+
+    def __init__(self, tree: Path, label: Path | str, default_mtime: int, *, layered: bool = False) -> None:
         self.tree = tree
         self.label = label
+        self.layered = layered
         self.as_root = _is_root()
         self.default_mtime = default_mtime
         # Directories are never replaced by anything else, so once checked a path stays a real directory.
@@ -209,6 +215,41 @@ class _Unpacker:
 
     def refuse(self, member: tarfile.TarInfo, why: str) -> ImageError:
         return ImageError(f"rootfs {self.label}: refusing to unpack member {member.name!r}: {why}")
+
+    def forget(self, rel: str) -> None:
+        """Drop what is known of ``rel`` and everything beneath it (it was removed)."""
+        prefix = rel + "/"
+        self.dirs = {d for d in self.dirs if d != rel and not d.startswith(prefix)}
+        for d in [d for d in self.dir_meta if d == rel or d.startswith(prefix)]:
+            del self.dir_meta[d]
+
+    def _delete(self, rel: str) -> None:
+        path = self.tree / rel
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            _make_writable(path)
+            shutil.rmtree(path)  # never follows a symlink inside: it unlinks them
+        else:
+            os.unlink(path)
+        self.forget(rel)
+
+    def remove(self, member: tarfile.TarInfo, rel: str, *, children_only: bool = False) -> None:
+        """A whiteout: ``rel`` (or, opaque, everything in the directory ``rel``) goes.
+
+        Nothing beneath a symlink is touched: a whiteout under one is refused like any member."""
+        parent, _, _ = rel.rpartition("/")
+        target = rel if children_only else parent
+        try:
+            self.real_dirs(member, target, create=False)
+        except ImageError:
+            if not os.path.lexists(self.tree / target):
+                return  # nothing lower down to hide
+            raise
+        if children_only:
+            for entry in os.listdir(self.tree / rel if rel else self.tree):
+                self._delete(f"{rel}/{entry}" if rel else entry)
+        elif os.path.lexists(self.tree / rel):
+            self._delete(rel)
 
     def clean(self, member: tarfile.TarInfo, name: str, what: str) -> str:
         if name.startswith("/"):
@@ -251,7 +292,10 @@ class _Unpacker:
         except FileNotFoundError:
             return dest
         if stat.S_ISDIR(st.st_mode):
-            raise self.refuse(member, f"it would replace the directory /{rel}")
+            if not self.layered:
+                raise self.refuse(member, f"it would replace the directory /{rel}")
+            self._delete(rel)  # a layer's file where a lower layer had a directory
+            return dest
         os.unlink(dest)  # a later member of the same name wins, as with tar
         return dest
 
@@ -279,7 +323,10 @@ class _Unpacker:
             except FileNotFoundError:
                 os.mkdir(path, 0o700)
             else:
-                if not stat.S_ISDIR(st.st_mode):
+                if not stat.S_ISDIR(st.st_mode) and self.layered:
+                    os.unlink(path)  # a layer's directory where a lower layer had a file or symlink
+                    os.mkdir(path, 0o700)
+                elif not stat.S_ISDIR(st.st_mode):
                     raise self.refuse(
                         member,
                         f"a directory would replace the {'symlink' if stat.S_ISLNK(st.st_mode) else 'file'} /{rel}",
@@ -331,6 +378,17 @@ class _Unpacker:
                 os.chown(path, uid, gid)
             os.chmod(path, mode if self.as_root else mode | 0o700)
             os.utime(path, ns=(ns, ns))
+
+
+def _make_writable(top: Path) -> None:
+    """Without root, a directory unpacked read-only cannot be emptied: give its owner write."""
+    if _is_root():
+        return
+    for dirpath, dirnames, _ in os.walk(top):
+        for d in (dirpath, *(os.path.join(dirpath, n) for n in dirnames)):
+            st = os.lstat(d)
+            if stat.S_ISDIR(st.st_mode):
+                os.chmod(d, st.st_mode | 0o700)
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:

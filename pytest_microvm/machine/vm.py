@@ -131,6 +131,8 @@ class MicroVM:
         self.default_cwd: str | None = None
         # Who commands without a user= run as (None: root); an OCI image's User sets it.
         self.default_user: str | None = None
+        # Variables every command gets, under the caller's env (an OCI image's Env).
+        self.default_env: dict[str, str] = {}
 
     @property
     def cloned(self) -> bool:
@@ -175,6 +177,10 @@ class MicroVM:
             _warned_tcg.add(cfg.arch)  # once per process: the pytest header and the CLI say it too
             self.log.warning("KVM is not usable (%s): booting under TCG, several times slower", host.kvm.reason)
         self.default_cwd = storage.default_cwd(image, os.getcwd(), self.config)
+        if image.defaults is not None:  # a container image's, as docker run applies them
+            self.default_env = dict(image.defaults.env)
+            self.default_cwd = image.defaults.cwd or self.default_cwd
+            self.default_user = image.defaults.user
         self.workdir = Path(tempfile.mkdtemp(prefix=f"microvm-{self.name}-", dir=cfg.workdir))
         self._sockdir = _socket_dir(self.workdir)
         self.monitor = Monitor(self._sockdir / "qmp.sock")
@@ -420,6 +426,7 @@ class MicroVM:
         """Run a command in the guest (argv list, or a string for /bin/sh -c); see AgentClient.run."""
         cwd = self.default_cwd if cwd is None else cwd
         user = self.default_user if user is None else user
+        env = {**self.default_env, **(env or {})} if self.default_env else env
         return self._guard(
             lambda: self.client.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, check=check, user=user)
         )
@@ -440,6 +447,7 @@ class MicroVM:
         ``pty=(rows, cols)`` gives it a terminal, ``user`` another user (see AgentClient.start)."""
         cwd = self.default_cwd if cwd is None else cwd
         user = self.default_user if user is None else user
+        env = {**self.default_env, **(env or {})} if self.default_env else env
         return self._guard(
             lambda: self.client.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, pty=pty, user=user)
         )
