@@ -400,7 +400,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     kernels = kernel_matrix(values)
     for kernel in kernels:
         label = "kernel" if len(kernels) == 1 else f"kernel {kernel}"
-        line(True, label, describe_kernel(kernel, cache, guest))
+        described = describe_kernel(kernel, cache, guest)
+        found = not described.startswith(("unknown", "none"))
+        line(found, label, described, "apt-get update, or --kernel source, or --kernel PATH")
+        ok &= found
     if "source" in kernels:
         try:
             check_build_tools(guest)

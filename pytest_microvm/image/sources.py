@@ -1,9 +1,12 @@
 """Where the image's ingredients come from: agent source, busybox, and the kernel.
 
-The default kernel is Debian's (``linux-image-amd64``, ``linux-image-arm64``: the guest
-architecture's), fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` (no
-root, nothing installed); another architecture's comes through its own package lists
-(:mod:`.apt`). A user may instead give
+The default kernel is the distribution's, of the guest architecture, from the host's apt
+sources (:class:`KernelSource`, chosen in :func:`default_kernel_source` by what apt offers):
+Debian's ``linux-image-amd64``/``-arm64`` (kernel and modules in one package), or on Ubuntu
+``linux-image-virtual``, whose kernel is in ``linux-image-<ver>-generic`` and its modules in
+``linux-modules-<ver>-generic`` and ``linux-modules-extra-<ver>-generic``. They are fetched
+with ``apt-get download`` and unpacked with ``dpkg-deb -x`` (no root, nothing installed);
+another architecture's come through its own package lists (:mod:`.apt`). A user may instead give
 a kernel file (bzImage, vmlinux ELF, or a kernel .deb) and a module tree, or ask for the
 small kernel built from Debian's source (:mod:`.kernel_build`).
 """
@@ -226,13 +229,19 @@ def _load_collected(dest: Path, identity: str) -> KernelFiles:
 
 
 def _from_deb(deb: Path, dest: Path, progress: Progress) -> None:
+    _from_debs([deb], dest, progress)
+
+
+def _from_debs(debs: list[Path], dest: Path, progress: Progress) -> None:
+    """Unpack a kernel package (the first) and its module packages into one tree; collect."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        progress(f"unpacking {deb.name}")
         root = Path(tmp) / "x"
-        run_tool(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
+        for deb in debs:
+            progress(f"unpacking {deb.name}")
+            run_tool(["dpkg-deb", "-x", str(deb), str(root)], f"unpacking {deb.name}")
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
         if not kernels:
-            raise ImageError(f"{deb.name} holds no /boot/vmlinuz-*: not a kernel package")
+            raise ImageError(f"{debs[0].name} holds no /boot/vmlinuz-*: not a kernel package")
         release = kernels[0].name.removeprefix("vmlinuz-")
         moddirs = [
             d for d in (root / "lib" / "modules" / release, root / "usr" / "lib" / "modules" / release) if d.is_dir()
@@ -272,6 +281,70 @@ def resolve_package(
     return str(real), str(version)
 
 
+class KernelSource:
+    """A distribution's default kernel: its metapackage, and the packages that make it up."""
+
+    name = "Debian"
+
+    def __init__(self, arch: arches.Arch) -> None:
+        self.arch = arch
+
+    @property
+    def meta(self) -> str:
+        return self.arch.kernel_package  # linux-image-amd64: the kernel and its modules in one package
+
+    def packages(self, real: str, offered: Callable[[str], bool]) -> list[str]:
+        """Every package to unpack for the kernel package ``real`` (it first)."""
+        return [real]
+
+
+class UbuntuKernelSource(KernelSource):
+    """Ubuntu: the kernel in linux-image-<ver>-generic, its modules in two more packages
+    (the extra ones hold 9p, among others; both are unpacked, once per kernel version)."""
+
+    name = "Ubuntu"
+
+    @property
+    def meta(self) -> str:
+        return "linux-image-virtual"  # the flavour for VMs; the same name on amd64 and arm64
+
+    def packages(self, real: str, offered: Callable[[str], bool]) -> list[str]:
+        version = real.removeprefix("linux-image-").removeprefix("unsigned-")
+        extra = [f"linux-modules-{version}", f"linux-modules-extra-{version}"]
+        return [real, *(p for p in extra if offered(p))]
+
+
+KERNEL_SOURCES: tuple[type[KernelSource], ...] = (KernelSource, UbuntuKernelSource)
+
+
+def _offered(package: str, apt: Apt) -> bool:
+    try:
+        _deb_version(package, apt)
+    except ImageError:
+        return False
+    return True
+
+
+def default_kernel_source(cache: Path, apt: Apt) -> KernelSource:
+    """The first distribution whose kernel metapackage the host's apt sources offer, asked
+    once per stamp of the package lists. ImageError naming each if none is."""
+    sources = [cls(apt.arch) for cls in KERNEL_SOURCES]
+    lists = apt.stamp()
+
+    def ask() -> str | None:
+        return next((s.name for s in sources if _offered(s.meta, apt)), None)
+
+    name = remembered(apt.memo / "default-kernel.json", f"default|{lists}" if lists else None, ask)
+    for source in sources:
+        if source.name == name:
+            return source
+    wanted = " nor ".join(f"{s.name}'s {s.meta}" for s in sources)
+    raise ImageError(
+        f"the host's apt sources offer neither {wanted}: run `apt-get update` if the package lists are "
+        "empty, or use --kernel source (built from Debian's linux-source) or --kernel PATH"
+    )
+
+
 def apt_kernel_package(version: str, arch: arches.Arch) -> str:
     """The package ``debian:VERSION`` names: ``linux-image-VERSION-amd64`` (or -arm64)."""
     return f"linux-image-{version}-{arch.debian}"
@@ -294,7 +367,8 @@ def debian_kernel(cache: Path, progress: Progress, apt: Apt | None = None, name:
         raise ImageError("no apt-get/dpkg-deb on this host to fetch Debian's kernel: pass a kernel with --kernel PATH")
     apt = apt or host_apt(cache)
     apt.ensure_lists(progress)
-    package = apt.arch.kernel_package if name is None else apt_kernel_package(name, apt.arch)
+    source = default_kernel_source(cache, apt) if name is None else KernelSource(apt.arch)
+    package = source.meta if name is None else apt_kernel_package(name, apt.arch)
     try:
         real, version = resolve_package(cache, package, apt=apt)
     except ImageError:
@@ -308,9 +382,10 @@ def debian_kernel(cache: Path, progress: Progress, apt: Apt | None = None, name:
     key = re.sub(r"[^\w.+-]", "_", f"{real}_{version}") + "-" + _modules_key()
 
     def build(dest: Path) -> None:
-        progress(f"downloading {real} {version}")
+        packages = source.packages(real, lambda p: _offered(p, apt))
+        progress(f"downloading {', '.join(packages)} {version}")
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-            _from_deb(apt_download(real, Path(tmp), apt), dest, progress)
+            _from_debs([apt_download(p, Path(tmp), apt) for p in packages], dest, progress)
 
     final = cache / "kernels" / key
     cached_build(final, build)
@@ -350,20 +425,23 @@ def describe_kernel(kernel: str | None, cache: Path, arch: arches.Arch | None = 
             return f"built from source: unknown ({exc})"
         cross = "" if apt.native else f", cross-built for {apt.arch.name}"
         return f"built from Debian's {real} {version} with microvm.config{cross}"
-    package = apt.arch.kernel_package
+    distro, package = "Debian", apt.arch.kernel_package
     if kernel is not None and kernel.startswith("debian:"):
         package = apt_kernel_package(kernel.removeprefix("debian:"), apt.arch)
     elif kernel is not None and kernel != "debian":
         return f"{kernel} (given)"
     if not shutil.which("apt-cache"):
-        return "none: no apt-cache to find Debian's kernel; pass --microvm-kernel"
+        return "none: no apt-cache to find the distribution's kernel; pass --microvm-kernel"
     if not apt.has_lists():
         return f"Debian's {package} (its package lists are fetched at the first build)"
     try:
+        if kernel in (None, "debian"):
+            source = default_kernel_source(cache, apt)
+            distro, package = source.name, source.meta
         real, version = resolve_package(cache, package, apt=apt)
     except ImageError as exc:
         return f"unknown ({exc})"
-    return f"{real.removeprefix('linux-image-')} (Debian {real} {version})"
+    return f"{real.removeprefix('linux-image-')} ({distro} {real} {version})"
 
 
 # dropbear, its SFTP server, and the libraries they link (dropbear-bin's and libtomcrypt1's
