@@ -401,9 +401,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for kernel in kernels:
         label = "kernel" if len(kernels) == 1 else f"kernel {kernel}"
         described = describe_kernel(kernel, cache, guest)
-        found = not described.startswith(("unknown", "none"))
-        line(found, label, described, "apt-get update, or --kernel source, or --kernel PATH")
-        ok &= found
+        available = not described.startswith(("unknown", "none"))
+        line(available, label, described, "apt-get update, or --kernel source, or --kernel PATH")
+        ok &= available
     if "source" in kernels:
         try:
             check_build_tools(guest)
