@@ -25,7 +25,8 @@ VSOCKS = ("auto", "kernel", "userspace")
 KERNEL_KEYWORDS = ("debian", "source")
 APT_KERNEL = "debian:"  # debian:VERSION names linux-image-VERSION-<arch> of the host's apt sources
 KERNEL_HELP = (
-    "guest kernel: debian (default; Debian's linux-image-amd64 or -arm64), debian:VERSION (the package "
+    "guest kernel: debian (default; the distribution's: Debian's linux-image-amd64 or -arm64, Ubuntu's "
+    "linux-image-virtual), debian:VERSION (the package "
     "linux-image-VERSION-amd64 or -arm64 of the host's apt sources: debian:6.1.0-44, debian:6.12, "
     "debian:6.12.48+deb12, debian:cloud), source (a small kernel built once from Debian's linux-source: boots "
     "in about half the time), or a bzImage, vmlinux or kernel .deb"
@@ -47,8 +48,10 @@ class Option:
     ``name`` gives the pytest flag ``--microvm-NAME``, the ini key ``microvm_NAME`` (dashes
     as underscores) and, where ``cli`` names commands, the CLI flag ``--NAME`` (or ``cli_flag``).
     ``kind`` is how a value is read: int, float, str, list (comma-separated; on the CLI a
-    repeated flag where ``cli_repeat``), path (must exist), kernel (a keyword or a path),
-    rootfs ("host" or a path), flag (on or off). ``default`` is written as in an ini file.
+    repeated flag where ``cli_repeat``), path (must exist), kernels (a list of keywords,
+    ``debian:VERSION`` or paths: the kernel matrix), modules (a list of ``DIR`` or
+    ``KERNEL=DIR``), rootfs ("host", ``oci:DIR[:TAG]``, ``docker-archive:FILE`` or a path),
+    flag (on or off). ``default`` is written as in an ini file.
     ``cli_hidden``: the commands of ``cli`` whose --help does not show it. ``plugin``: a
     pytest option and ini key (else the marker and VMConfig only).
     ``template_key``: whether the value is part of a snapshot template's key (directly, or

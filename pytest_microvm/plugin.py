@@ -418,7 +418,7 @@ def _refuse_nested(config: pytest.Config, cfg: VMConfig) -> None:
     """Fail a test that would boot a VM inside a worker VM without KVM, saying what it needs."""
     from pytest_microvm import workers
 
-    if not workers.in_guest():
+    if not workers.in_worker_vm():
         return
     from pytest_microvm.machine import detect_host
 

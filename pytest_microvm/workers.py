@@ -29,6 +29,9 @@ from pytest_microvm.options import kernel_matrix, modules_for
 WORKER_MEMORY_MIB = 1024
 CMDLINE = "/proc/cmdline"
 GUEST_MARK = "microvm.token="  # every guest this harness boots has it on its kernel command line
+# Set for the worker's Python by its command: a worker VM, not any guest that runs pytest
+# (scripts/nested runs the kernel-path tests in a guest on purpose, under nested TCG).
+WORKER_ENV = "PYTEST_MICROVM_WORKER_VM"
 
 
 def in_guest(cmdline: str | os.PathLike[str] = CMDLINE) -> bool:
@@ -38,6 +41,11 @@ def in_guest(cmdline: str | os.PathLike[str] = CMDLINE) -> bool:
         return GUEST_MARK in Path(cmdline).read_text()
     except OSError:
         return False
+
+
+def in_worker_vm(cmdline: str | os.PathLike[str] = CMDLINE) -> bool:
+    """Whether this process is a ``--microvm-workers`` worker, in its VM."""
+    return os.environ.get(WORKER_ENV) == "1" and in_guest(cmdline)
 
 
 def shared_dirs(rootdir: Path, invocation_dir: Path) -> list[Path]:
@@ -67,7 +75,7 @@ def worker_command(values: Mapping[str, Any], shares: Sequence[Path], python: st
         argv += ["--modules", modules]
     for path in shares:
         argv += ["--share", f"{path}:{path}"]
-    return [*argv, "--", python]
+    return [*argv, "--", "env", f"{WORKER_ENV}=1", python]
 
 
 def gateway_spec(command: Sequence[str]) -> str:
@@ -79,10 +87,10 @@ def gateway_spec(command: Sequence[str]) -> str:
 
 
 def nested_vm_error(accel_option: str | None, accel: str) -> str | None:
-    """Why a test may not boot a VM here, or None: inside a guest without KVM a VM would run
-    under TCG inside TCG or inside KVM's emulation, which only an explicit
+    """Why a test may not boot a VM here, or None: inside a worker VM without KVM a VM would
+    run under TCG inside TCG (or inside KVM's emulation), which only an explicit
     ``--microvm-accel tcg`` asks for."""
-    if accel != "tcg" or accel_option == "tcg" or not in_guest():
+    if accel != "tcg" or accel_option == "tcg" or not in_worker_vm():
         return None
     return (
         "this test boots a VM, and it runs inside a VM (a --microvm-workers worker) without usable KVM: "

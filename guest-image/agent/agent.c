@@ -758,9 +758,10 @@ static void start_exec(uint32_t id, struct cursor *c)
 	j->in_open = in[1] >= 0;
 	if (spawn_errno) {
 		char what[MAX_USER + 4200];
+		int in_dir = step && !strcmp(step, "chdir");
 		if (step && user[0])
-			snprintf(what, sizeof what, "user %s: %s%s%s", user, step, strcmp(step, "chdir") ? "" : " ", strcmp(step, "chdir") ? "" : dir);
-		else if (step)
+			snprintf(what, sizeof what, "user %s: %s%s%s", user, step, in_dir ? " " : "", in_dir ? dir : "");
+		else if (step) /* chdir: the only step without a user */
 			snprintf(what, sizeof what, "%s %s", step, dir);
 		else
 			snprintf(what, sizeof what, "%s", argv[0]);

@@ -141,7 +141,8 @@ def container_root(rootfs: str, cache: Path, progress: Progress, arch: arches.Ar
     try:
         key, config, layers = image.resolve()
         defaults = ImageDefaults.from_config(config)
-        final = cache / "rootfs" / f"{image.kind}-{key[:24]}"
+        # The unpacker's format too: a change in how layers are applied must not reuse old trees.
+        final = cache / "rootfs" / f"{image.kind}-{roots.ROOTFS_FORMAT}-{key[:24]}"
         if not (final / "tree").is_dir():
 
             def build(staging: Path) -> None:

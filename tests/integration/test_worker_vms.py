@@ -12,10 +12,10 @@ from pytest_microvm import GuestImage
 
 SUITE = """
 import os, pathlib
-from pytest_microvm.workers import in_guest
+from pytest_microvm.workers import in_guest, in_worker_vm
 
 def test_passes_in_a_guest():
-    assert in_guest() and "microvm.root=9p:hostroot" in open("/proc/cmdline").read()
+    assert in_guest() and in_worker_vm() and "microvm.root=9p:hostroot" in open("/proc/cmdline").read()
     # For the host to read: the rootdir is shared read-write at the same path.
     worker = os.environ["PYTEST_XDIST_WORKER"]
     pathlib.Path(f"boot-{worker}.txt").write_text(open("/proc/sys/kernel/random/boot_id").read())

@@ -39,8 +39,9 @@ def test_the_worker_command_is_microvm_run_of_this_python_with_the_runs_options(
     }
     argv = workers.worker_command(values, [tmp_path], python="/venv/bin/python")
     assert argv[:5] == ["/venv/bin/python", "-m", "pytest_microvm.cli", "run", "--rootfs"]
-    assert argv[-2:] == ["--", "/venv/bin/python"]  # execnet appends -u -c <bootstrap>
-    pairs = dict(zip(argv[4:-2:2], argv[5:-2:2], strict=True))
+    # execnet appends -u -c <bootstrap>; the variable tells a worker VM from any other guest.
+    assert argv[-4:] == ["--", "env", f"{workers.WORKER_ENV}=1", "/venv/bin/python"]
+    pairs = dict(zip(argv[4:-4:2], argv[5:-4:2], strict=True))
     assert pairs["--rootfs"] == "host"
     assert pairs["--memory"] == str(workers.WORKER_MEMORY_MIB)  # a worker needs more than a command
     assert (pairs["--accel"], pairs["--vsock"], pairs["--cache-dir"]) == ("tcg", "userspace", "/c")
@@ -52,12 +53,22 @@ def test_the_worker_command_is_microvm_run_of_this_python_with_the_runs_options(
         workers.gateway_spec(["/x//y"])
 
 
+def test_a_worker_vm_is_a_guest_with_the_workers_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 microvm.token=abc\n")
+    monkeypatch.delenv(workers.WORKER_ENV, raising=False)
+    assert workers.in_guest(cmdline) and not workers.in_worker_vm(cmdline)  # e.g. scripts/nested's L1
+    monkeypatch.setenv(workers.WORKER_ENV, "1")
+    assert workers.in_worker_vm(cmdline)
+    assert not workers.in_worker_vm(tmp_path / "missing")  # the variable alone, on a host: not a VM
+
+
 def test_a_vm_inside_a_worker_vm_needs_kvm_or_an_explicit_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(workers, "in_guest", lambda *a: True)
+    monkeypatch.setattr(workers, "in_worker_vm", lambda *a: True)
     message = workers.nested_vm_error(None, "tcg")
     assert message is not None and "--microvm-accel tcg" in message and "nested KVM" in message
     assert workers.nested_vm_error("auto", "tcg") is not None
     assert workers.nested_vm_error("tcg", "tcg") is None  # asked for: nested TCG
     assert workers.nested_vm_error(None, "kvm") is None  # nested KVM in the worker VM
-    monkeypatch.setattr(workers, "in_guest", lambda *a: False)
-    assert workers.nested_vm_error(None, "tcg") is None  # on the host: TCG as ever
+    monkeypatch.setattr(workers, "in_worker_vm", lambda *a: False)
+    assert workers.nested_vm_error(None, "tcg") is None  # on the host, or another guest: TCG as ever
