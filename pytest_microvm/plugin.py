@@ -153,7 +153,8 @@ def _configure_worker_vms(config: pytest.Config) -> None:
 
     shares = workers.shared_dirs(config.rootpath, config.invocation_params.dir)
     try:
-        spec = workers.gateway_spec(workers.worker_command(_values(config), shares))
+        command = workers.worker_command(_values(config), shares, readonly=workers.python_dirs())
+        spec = workers.gateway_spec(command)
     except ValueError as exc:
         raise pytest.UsageError(f"--microvm-workers: {exc}") from None
     config.option.tx = [spec] * n

@@ -58,9 +58,26 @@ def shared_dirs(rootdir: Path, invocation_dir: Path) -> list[Path]:
     return dirs
 
 
-def worker_command(values: Mapping[str, Any], shares: Sequence[Path], python: str = sys.executable) -> list[str]:
+def python_dirs(prefix: str = sys.prefix, path: Sequence[str] = tuple(sys.path)) -> list[Path]:
+    """The directories of this Python's environment that a host-userland guest would not see
+    (under its own /tmp or /run: a CI clone in /tmp and its venv), to share read-only at the
+    same path. Everywhere else the guest sees the host's files as they are."""
+    from pytest_microvm.machine.config import is_guest_own
+
+    found = sorted({Path(p).resolve() for p in (prefix, *path) if p and os.path.isdir(p) and is_guest_own(p)})
+    outermost: list[Path] = []
+    for d in found:  # sorted: a parent comes before what lies beneath it
+        if not any(d.is_relative_to(o) for o in outermost):
+            outermost.append(d)
+    return outermost
+
+
+def worker_command(
+    values: Mapping[str, Any], shares: Sequence[Path], python: str = sys.executable, readonly: Sequence[Path] = ()
+) -> list[str]:
     """``microvm run`` booting one worker VM and starting ``python`` in it, with this run's
-    VM options (``values``, converted): accel, vsock, the first kernel of the matrix, cache."""
+    VM options (``values``, converted): accel, vsock, the first kernel of the matrix, cache.
+    ``shares`` are shared read-write, ``readonly`` (not beneath one of those) read-only."""
     argv = [python, "-m", "pytest_microvm.cli", "run", "--rootfs", "host"]
     memory = max(int(values.get("memory") or 0), WORKER_MEMORY_MIB)
     argv += ["--memory", str(memory)]
@@ -75,6 +92,9 @@ def worker_command(values: Mapping[str, Any], shares: Sequence[Path], python: st
         argv += ["--modules", modules]
     for path in shares:
         argv += ["--share", f"{path}:{path}"]
+    for path in readonly:
+        if not any(path.is_relative_to(p) for p in shares):
+            argv += ["--share", f"{path}:{path}:ro"]
     return [*argv, "--", "env", f"{WORKER_ENV}=1", python]
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from pytest_microvm import GuestImage, MicroVM, VMConfig, build_image
+from pytest_microvm import GuestImage, MicroVM, Share, VMConfig, build_image
 from pytest_microvm.image.sources import SSH_HOST_KEY, ssh_bundle
+from pytest_microvm.machine.config import is_guest_own
+from pytest_microvm.workers import python_dirs
 
 REMOTE_SUITE = """
 def test_runs_on_the_other_machine():
@@ -40,7 +42,11 @@ def ssh_host(microvm_image: GuestImage, session_kernel: str | None, tmp_path_fac
     bundle = ssh_bundle(cache, lambda _m: None)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(here / "key")], check=True)
     image = build_image(kernel=session_kernel, rootfs="host", cache=cache)
-    with MicroVM(VMConfig(image=image, network=True, memory_mib=1024)).start() as vm:
+    # The bundle (in the cache) and this Python's environment, where the guest would not see
+    # them (a cache or a CI clone under /tmp, which is the guest's own), come in read-only.
+    needed = [bundle.root.resolve(), *python_dirs()]
+    shares = {str(p): Share(p, readonly=True) for p in needed if is_guest_own(str(p))}
+    with MicroVM(VMConfig(image=image, network=True, memory_mib=1024, shares=shares)).start() as vm:
         vm.run("mkdir -p /root/.ssh && chmod 700 /root/.ssh", check=True)
         vm.write_file("/root/.ssh/authorized_keys", (here / "key.pub").read_bytes(), mode=0o600)
         # The bundle's dropbear, run from the host's cache (the guest sees the host's / read-only),

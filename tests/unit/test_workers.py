@@ -63,6 +63,18 @@ def test_a_worker_vm_is_a_guest_with_the_workers_variable(tmp_path: Path, monkey
     assert not workers.in_worker_vm(tmp_path / "missing")  # the variable alone, on a host: not a VM
 
 
+def test_a_python_environment_under_the_guests_own_tmp_is_shared_read_only(tmp_path: Path) -> None:
+    checkout = tmp_path / "ci" / "main"  # a CI clone in /tmp, with its venv and editable source
+    (checkout / ".venv" / "lib").mkdir(parents=True)
+    (checkout / "src").mkdir()
+    dirs = workers.python_dirs(str(checkout / ".venv"), [str(checkout), str(checkout / "src"), "/usr/lib/python3", ""])
+    assert dirs == [checkout.resolve()]  # one share covers the venv and the source; /usr the guest sees
+    argv = workers.worker_command({}, [tmp_path / "rootdir"], python="/p", readonly=dirs)
+    assert f"{checkout.resolve()}:{checkout.resolve()}:ro" in argv
+    inside = workers.worker_command({}, [tmp_path], python="/p", readonly=dirs)
+    assert not any(a.endswith(":ro") for a in inside)  # beneath a read-write share already
+
+
 def test_a_vm_inside_a_worker_vm_needs_kvm_or_an_explicit_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(workers, "in_worker_vm", lambda *a: True)
     message = workers.nested_vm_error(None, "tcg")
