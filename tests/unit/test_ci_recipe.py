@@ -13,9 +13,10 @@ README = (ROOT / "README.md").read_text()
 RECIPE = ROOT / ".github" / "workflows" / "vm-tests.yml"
 CI = ROOT / ".github" / "workflows" / "ci.yml"
 # In scripts/bootstrap for this repository's own tests and CI stages, not for a user's suite:
-# the aarch64 guests' QEMU and cross toolchain (arch="aarch64" is opt-in), and the SSH client
-# the xdist-ssh-gateway test drives.
-DEV_ONLY = {"qemu-system-arm", "gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user-static", "openssh-client"}
+# the aarch64 guests' QEMU and cross toolchain (arch="aarch64" is opt-in), the SSH client the
+# xdist-ssh-gateway test drives, and shellcheck for the lint env.
+DEV_ONLY = {"qemu-system-arm", "gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user-static", "openssh-client",
+            "shellcheck"}  # fmt: skip
 
 
 def _bootstrap_packages() -> set[str]:

@@ -99,22 +99,25 @@ def test_an_ubuntu_host_gets_linux_image_virtual_with_its_module_packages(ubuntu
     source = default_kernel_source(cache, apt)
     assert (source.name, source.meta) == ("Ubuntu", "linux-image-virtual")
     kernel = debian_kernel(cache, lambda m: None, apt)
-    assert kernel.release == "6.8.0-51-generic"
-    assert kernel.image.read_bytes().startswith(b"MZ stand-in for boot/vmlinuz-6.8.0-51-generic")
+    assert kernel.release == "6.8.0-31-generic"
+    assert kernel.image.read_bytes().startswith(b"MZ stand-in for boot/vmlinuz-6.8.0-31-generic")
     assert ubuntu_host.read_text().split() == [
-        "linux-image-6.8.0-51-generic", "linux-modules-6.8.0-51-generic", "linux-modules-extra-6.8.0-51-generic",
+        "linux-image-6.8.0-31-generic", "linux-modules-6.8.0-31-generic", "linux-modules-extra-6.8.0-31-generic",
     ]  # fmt: skip
-    # vsock from linux-modules, zstd undone, dependencies first; the virtio transports are built in.
-    assert [m.name for m in kernel.modules] == ["vsock.ko", "vmw_vsock_virtio_transport_common.ko",
-                                                "vmw_vsock_virtio_transport.ko"]  # fmt: skip
+    # From linux-modules, zstd undone, dependencies first; the virtio transports are built in.
+    assert [m.name for m in kernel.modules] == [
+        "vsock.ko", "vmw_vsock_virtio_transport_common.ko", "vmw_vsock_virtio_transport.ko",
+        "failover.ko", "net_failover.ko", "virtio_net.ko",
+    ]  # fmt: skip
     assert all(m.read_bytes().startswith(b"\x7fELF") for m in kernel.modules)
     groups = {g: [m.name for m in mods] for g, mods in kernel.groups.items()}
-    assert groups["9p"] == ["9pnet.ko", "9pnet_virtio.ko", "netfs.ko", "9p.ko"]  # from linux-modules-extra
-    assert groups["blk"] == ["erofs.ko"] and groups["overlay"] == ["overlay.ko"]
+    assert groups["9p"] == ["9pnet.ko", "9pnet_virtio.ko", "netfs.ko", "9p.ko"]
+    assert groups["blk"] == ["erofs.ko"]  # the one module the guest loads that is in linux-modules-extra
+    assert groups["overlay"] == ["overlay.ko"]
     assert groups["vhost"] == ["vhost_iotlb.ko", "vhost.ko", "vhost_vsock.ko"]
     # The header and `microvm doctor` say which distribution's kernel it is.
     assert describe_kernel(None, cache, arches.get("x86_64")) == (
-        "6.8.0-51-generic (Ubuntu linux-image-6.8.0-51-generic 6.8.0-51.52)"
+        "6.8.0-31-generic (Ubuntu linux-image-6.8.0-31-generic 6.8.0-31.31)"
     )
 
 
